@@ -1,0 +1,14 @@
+"""shortgpt-lite: depth pruning of LLMs by Block Influence (ShortGPT), with the baselines it
+is compared against, small enough to read in one sitting.
+
+The public names a notebook imports live here.
+"""
+
+from .data import Item, load_benchmark, load_text, token_windows, BENCHMARKS, CORPORA
+from .models import BUNDLED_MODELS, cache_dir, load_model, pick_device
+
+# Core: layers, Block Influence, importance metrics, removal
+
+# Evaluation and cost
+
+__version__ = "0.1.0"

