@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: install install-gemma test test-fast lint book book-clean student clean sweep bench
+.PHONY: install install-gemma test test-fast lint book book-clean clean
 
 install: $(STAMP)
 

@@ -4,7 +4,15 @@ is compared against, small enough to read in one sitting.
 The public names a notebook imports live here.
 """
 
-from .data import BENCHMARKS, CORPORA, Item, corpus_documents, load_benchmark, load_text, token_windows
+from .data import (
+    BENCHMARKS,
+    CORPORA,
+    Item,
+    corpus_documents,
+    load_benchmark,
+    load_text,
+    token_windows,
+)
 from .models import BUNDLED_MODELS, cache_dir, load_model, pick_device
 
 # Core: layers, Block Influence, importance metrics, removal

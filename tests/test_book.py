@@ -1,0 +1,77 @@
+"""The book's build discipline: a notebook that raises fails the build, and chapters
+rerun under papermill with other parameters."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _notebook(cells):
+    return {"cells": [{"cell_type": "code", "metadata": {}, "execution_count": None,
+                       "outputs": [], "source": src} for src in cells],
+            "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                        "language": "python"}},
+            "nbformat": 4, "nbformat_minor": 5}
+
+
+def test_config_makes_errors_fatal():
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert cfg["only_build_toc_files"] is True
+    assert cfg["execute"]["raise_on_error"] is True
+    assert cfg["execute"]["execute_notebooks"] == "force"
+    assert {".venv/*", "_build/*"} <= set(cfg["exclude_patterns"])
+    assert cfg["launch_buttons"]["colab_url"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert "jupyter-book build . -W" in makefile
+
+
+def test_every_toc_file_exists():
+    import yaml
+
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]] + [c["file"] for part in toc["parts"] for c in part["chapters"]]
+    for f in files:
+        assert any((ROOT / (f + ext)).is_file() for ext in (".md", ".ipynb")), f
+
+
+def test_committed_notebooks_carry_outputs_and_parameters():
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = json.loads(path.read_text())
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert all(c["outputs"] for c in code if "print(" in "".join(c["source"])), path.name
+        tagged = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
+        assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+
+
+@pytest.mark.slow
+def test_a_raising_notebook_fails_the_build(tmp_path):
+    shutil.copy(ROOT / "_config.yml", tmp_path / "_config.yml")
+    (tmp_path / "intro.md").write_text("# Intro\n")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: bad\n")
+    (tmp_path / "bad.ipynb").write_text(json.dumps(_notebook(
+        ["print('before')", "raise RuntimeError('this chapter is broken')"])))
+    done = subprocess.run([str(BIN / "jupyter-book"), "build", str(tmp_path), "-W", "-n"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "bad.ipynb" in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_first_chapter_reruns_under_papermill_with_gemma(tmp_path):
+    out = tmp_path / "out.ipynb"
+    subprocess.run([str(BIN / "papermill"), str(ROOT / "notebooks/00_first_look.ipynb"),
+                    str(out), "-p", "model_name", "gemma3-270m", "-p", "max_new_tokens", "4",
+                    "--cwd", str(ROOT / "notebooks"), "--no-progress-bar"],
+                   check=True, capture_output=True, text=True)
+    text = json.dumps(json.loads(out.read_text())["cells"])
+    assert "Gemma3ForCausalLM" in text
+    assert "decoder layers: 18" in text
