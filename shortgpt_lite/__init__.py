@@ -18,5 +18,18 @@ from .models import BUNDLED_MODELS, cache_dir, load_model, pick_device
 # Core: layers, Block Influence, importance metrics, removal
 
 # Evaluation and cost
+from .evaluate import (
+    DEFAULT_SUITE,
+    GENERATION_PROMPTS,
+    binomial_ci,
+    cost,
+    evaluate_choices,
+    evaluate_suite,
+    generation_samples,
+    loglikelihoods,
+    perplexity,
+    score_items,
+    text_perplexity,
+)
 
 __version__ = "0.1.0"

@@ -1,0 +1,707 @@
+"""Measurements: perplexity, zero-shot multiple choice, generation samples and cost.
+
+Every number in the book comes from one of these functions, so each one pins down what
+it measures:
+
+* ``perplexity`` / ``text_perplexity``: fixed-length, non-overlapping token windows;
+  the sequence length is part of the result, because a perplexity without it cannot be
+  compared (Llama-2-7B on WikiText: 5.47 at 2048 tokens, 5.12 at 4096). Each model is
+  measured on windows cut by *its own* tokenizer, so perplexities of models with
+  different vocabularies are per-token figures of different token streams.
+* ``evaluate_choices`` / ``evaluate_suite``: zero-shot multiple choice scored by
+  log-likelihood, with ``acc`` and ``acc_norm`` as lm-evaluation-harness (Gao et al.,
+  2023) defines them, so the figures can be set next to published ones.
+* ``generation_samples``: greedy continuations of fixed prompts. ShortGPT (Men et al.,
+  2024, Section 4) reports that generative tasks collapse after layer removal (XSum
+  19.4 -> 0.67 on Llama-2-7B); these samples let a chapter show it.
+* ``cost``: parameters, size on disk, peak memory, prefill latency and decode speed.
+
+Results are plain dicts or pandas DataFrames that seaborn plots directly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .data import Item, _adds_bos, load_benchmark, load_text, token_windows
+
+__all__ = [
+    "DEFAULT_SUITE",
+    "GENERATION_PROMPTS",
+    "binomial_ci",
+    "cost",
+    "evaluate_choices",
+    "evaluate_suite",
+    "generation_samples",
+    "loglikelihoods",
+    "perplexity",
+    "score_items",
+    "text_perplexity",
+]
+
+# The zero-shot suite every chapter reports: 200 seeded items per task.
+DEFAULT_SUITE: dict[str, int] = {"mmlu": 200, "piqa": 200, "hellaswag": 200, "arc_easy": 200,
+                                 "boolq": 200, "winogrande": 200}
+
+# Fixed prompts for generation_samples: a fact, a story, a procedure, a news lead to
+# summarise (XSum-like) and code, so each kind of damage has somewhere to show.
+GENERATION_PROMPTS: tuple[str, ...] = (
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea, there lived",
+    "To make a cup of tea, first",
+    ("The city council voted on Tuesday to close the old bridge to cars after engineers "
+     "found cracks in its supports. In one sentence, the news is that"),
+    "def fibonacci(n):\n",
+)
+
+# lm-evaluation-harness reports acc_norm only where the task's metric_list asks for it.
+# These tasks report acc alone (MMLU's letters all have length 1, so it would equal acc;
+# Winogrande's "choices" there are the option-filled prefixes, not the options).
+_NO_ACC_NORM = ("boolq", "winogrande", "lambada", "mmlu")
+
+_Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _input_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _vocab_rows(model) -> int:
+    return model.get_input_embeddings().num_embeddings
+
+
+def _max_positions(model) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check_tokenizer(model, tokenizer) -> None:
+    """Refuse a tokenizer whose ids do not fit the model's embedding matrix.
+
+    A tokenizer with more entries than the embedding has rows would index past it. One
+    with far fewer (under 80%) is another model's tokenizer: real models pad their
+    embedding by at most a few percent (Qwen2.5: 151,936 rows for 151,665 tokens).
+    """
+    rows, n = _vocab_rows(model), len(tokenizer)
+    if n > rows or n < 0.8 * rows:
+        raise ValueError(
+            f"The tokenizer has {n:,} tokens but the model's embedding has {rows:,} rows: they "
+            "belong to different models. Use the tokenizer that load_model returned together "
+            "with this model.")
+
+
+def binomial_ci(successes: int, n: int, z: float = _Z95) -> tuple[float, float]:
+    """The Wilson score interval for a binomial proportion (95% for the default ``z``).
+
+    With :math:`\\hat p = k/n`,
+
+    .. math:: \\frac{\\hat p + z^2/2n \\pm z\\sqrt{\\hat p(1-\\hat p)/n + z^2/4n^2}}{1 + z^2/n}
+
+    (Wilson, 1927). Unlike the normal approximation it stays inside [0, 1] and keeps
+    its coverage near 0% and 100% accuracy. With 200 items and accuracy near 50% the
+    interval is about ±7 points wide, so a 3-point difference between two models is noise.
+    """
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _mean_stderr(values: np.ndarray) -> float:
+    # lm-evaluation-harness's stderr of a mean: sample standard deviation / sqrt(n)
+    n = len(values)
+    return float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+
+
+# -------------------------------------------------------------------------- perplexity
+
+
+def _default_ppl_batch(model, seq_len: int) -> int:
+    # The logits of one batch are [batch, seq_len, vocab]; keep them near 1 GiB in fp32.
+    return max(1, min(16, 2**28 // (seq_len * _vocab_rows(model))))
+
+
+def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-log p(target)`` per position, as ``logsumexp(logits) - logits[target]`` in fp32.
+
+    One row at a time, so a bf16 model never needs an fp32 copy of the whole
+    ``[batch, seq, vocab]`` logits, and no log-softmax tensor of that size is built.
+    """
+    out = []
+    for row, tgt in zip(logits, targets):
+        row = row.float()
+        out.append(torch.logsumexp(row, dim=-1) - row.gather(-1, tgt[:, None]).squeeze(-1))
+    return torch.stack(out)
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int | None = None,
+               progress: bool = True) -> dict:
+    """Perplexity of ``model`` over fixed-length, non-overlapping token ``windows``.
+
+    ``windows`` is the ``[n, seq_len]`` LongTensor from ``token_windows``. Within each
+    window every token after the first is predicted from the ones before it, so
+
+    .. math:: \\mathrm{PPL} = \\exp\\Big(-\\frac{1}{n(T-1)} \\sum_{w=1}^{n}
+              \\sum_{t=2}^{T} \\log p_\\theta(x^w_t \\mid x^w_{<t})\\Big)
+
+    with :math:`T` = ``seq_len``. Windows do not overlap and do not see each other, so
+    early tokens of each window have little context; that is why the sequence length
+    is part of the result. ``batch_size=None`` picks one that keeps the logits near
+    1 GiB.
+
+    Returns a dict: ``perplexity``, ``nll`` (mean nats per predicted token), ``seq_len``,
+    ``windows``, ``tokens`` (predicted tokens), ``seconds`` and ``tokens_per_s`` (input
+    tokens per second).
+    """
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
+        raise ValueError("windows must be a 2-D LongTensor [n, seq_len]; build it with "
+                         "token_windows(tokenizer, text, seq_len).")
+    n, seq_len = windows.shape
+    if n == 0 or seq_len < 2:
+        raise ValueError(f"windows has shape {tuple(windows.shape)}; it needs at least one window "
+                         "of at least 2 tokens.")
+    max_pos = _max_positions(model)
+    if max_pos is not None and seq_len > max_pos:
+        raise ValueError(f"The windows are {seq_len} tokens long but the model has only "
+                         f"{max_pos} positions; cut them with token_windows(..., seq_len={max_pos}) "
+                         "or shorter.")
+    rows = _vocab_rows(model)
+    if int(windows.min()) < 0 or int(windows.max()) >= rows:
+        raise ValueError(f"The windows hold token ids outside [0, {rows}): they were cut with "
+                         "another model's tokenizer. Use the tokenizer that load_model returned "
+                         "with this model.")
+    batch_size = batch_size or _default_ppl_batch(model, seq_len)
+    device = _input_device(model)
+    nll_sum = 0.0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for start in tqdm(range(0, n, batch_size), desc=f"perplexity @ {seq_len}",
+                          disable=not progress):
+            x = windows[start:start + batch_size].to(device)
+            logits = model(x, use_cache=False).logits
+            nll_sum += float(_token_nll(logits[:, :-1], x[:, 1:]).double().sum())
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    predicted = n * (seq_len - 1)
+    nll = nll_sum / predicted
+    return {"perplexity": math.exp(nll), "nll": nll, "seq_len": int(seq_len), "windows": int(n),
+            "tokens": predicted, "seconds": seconds, "tokens_per_s": n * seq_len / seconds}
+
+
+def text_perplexity(model, tokenizer, corpus: str = "wikipedia", split: str = "evaluation",
+                    seq_len: int = 512, max_windows: int | None = None,
+                    batch_size: int | None = None, progress: bool = True) -> dict:
+    """``perplexity`` on a corpus from ``load_text``, cut into windows by the model's own
+    tokenizer.
+
+    Returns ``perplexity``'s dict plus ``corpus``, ``split`` and ``tokenizer`` (its name),
+    because a perplexity is a figure of one token stream at one sequence length.
+    """
+    _check_tokenizer(model, tokenizer)
+    max_pos = _max_positions(model)
+    if max_pos is not None and seq_len > max_pos:
+        raise ValueError(f"seq_len={seq_len} is longer than the model's {max_pos} positions; "
+                         f"use seq_len <= {max_pos}.")
+    windows = token_windows(tokenizer, load_text(corpus, split), seq_len, max_windows)
+    result = perplexity(model, windows, batch_size=batch_size, progress=progress)
+    return {"corpus": corpus, "split": split,
+            "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__), **result}
+
+
+# ----------------------------------------------------------- log-likelihood of requests
+
+
+def _encode_requests(tokenizer, requests) -> list[tuple[list[int], list[int]]]:
+    """Token ids ``(context, continuation)`` per request, the way lm-evaluation-harness
+    encodes a pair.
+
+    Trailing whitespace of the context moves to the front of the continuation; the
+    continuation's tokens are ``tok(context + continuation)[len(tok(context)):]``, so
+    they are the tokens the model sees when the two are read as one text. No BOS is
+    added unless the tokenizer adds one. An empty context becomes the BOS token (EOS if
+    there is none), as lm-evaluation-harness does.
+    """
+    prefix = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    pairs = []
+    for context, continuation in requests:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        pairs.append((context, continuation))
+    texts = list(dict.fromkeys(t for c, k in pairs for t in ((c, c + k) if c else (k,))))
+    ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"]))
+    encoded = []
+    for context, continuation in pairs:
+        if not context:
+            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None \
+                else tokenizer.eos_token_id
+            encoded.append(([start], list(ids[continuation])))
+            continue
+        ctx = prefix + list(ids[context])
+        whole = prefix + list(ids[context + continuation])
+        encoded.append((ctx, whole[len(ctx):]))
+    return encoded
+
+
+def _plan_batches(model, tokenizer, requests, batch_size: int):
+    """Group requests into left-padded batches of distinct model inputs.
+
+    A request's input is ``(context + continuation)[:-1]``: the last ``k`` positions
+    predict the ``k`` continuation tokens. Requests whose inputs are identical (one-token
+    answers such as MMLU's letters, BoolQ's yes/no) share one row. Rows are sorted
+    longest first, so each batch holds similar lengths and little padding, and an
+    out-of-memory error shows up in the first batch. Inputs longer than the model's
+    positions lose tokens from the left, as in lm-evaluation-harness.
+
+    Returns a list of ``(input_ids, attention_mask, position_ids, keep, members)`` where
+    ``keep`` is how many final positions need logits and ``members[row]`` lists
+    ``(request index, continuation ids)``.
+    """
+    max_pos = _max_positions(model)
+    rows: dict[tuple[int, ...], list] = {}
+    for i, (ctx, cont) in enumerate(_encode_requests(tokenizer, requests)):
+        if not cont:
+            raise ValueError(f"Request {i} has an empty continuation {requests[i][1]!r}; every "
+                             "choice needs at least one token to score.")
+        if max_pos is not None and len(cont) > max_pos:
+            raise ValueError(f"Request {i}'s continuation is {len(cont)} tokens, more than the "
+                             f"model's {max_pos} positions.")
+        whole = ctx + cont
+        if max_pos is not None:
+            whole = whole[-(max_pos + 1):]
+        rows.setdefault(tuple(whole[:-1]), []).append((i, cont))
+    order = sorted(rows, key=len, reverse=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for start in range(0, len(order), batch_size):
+        inputs = order[start:start + batch_size]
+        width = len(inputs[0])
+        ids = torch.full((len(inputs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for r, inp in enumerate(inputs):
+            ids[r, width - len(inp):] = torch.tensor(inp)
+            mask[r, width - len(inp):] = 1
+        if bool(mask.all()):
+            mask = positions = None  # no padding: the plain causal path
+        else:
+            # Left padding shifts a row; its position ids restart at 0 on its first token.
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        members = [rows[inp] for inp in inputs]
+        keep = max(len(cont) for m in members for _, cont in m)
+        batches.append((ids, mask, positions, keep, members))
+    return batches
+
+
+def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 16,
+                   progress: bool = True) -> list[tuple[float, bool]]:
+    """``(log p(continuation | context), is_greedy)`` for each ``(context, continuation)``.
+
+    The score is the sum of the continuation tokens' log-probabilities,
+
+    .. math:: \\log p(y \\mid x) = \\sum_{j=1}^{k} \\log p_\\theta(y_j \\mid x, y_{<j}),
+
+    and ``is_greedy`` says whether every :math:`y_j` is the argmax, as in
+    lm-evaluation-harness's ``loglikelihood``. Batches are left-padded with an attention
+    mask and position ids that start at each row's first real token, so padding does not
+    change a score. The model computes logits only for the last ``k`` positions of a
+    batch, and log-softmax runs in fp32 over those positions alone.
+    """
+    return _loglikelihoods(model, tokenizer, requests, batch_size, progress)[0]
+
+
+def _loglikelihoods(model, tokenizer, requests, batch_size, progress):
+    """``loglikelihoods`` plus the number of real (non-padding) tokens it ran."""
+    if len(requests) == 0:
+        raise ValueError("No requests to score; pass at least one (context, continuation) pair.")
+    _check_tokenizer(model, tokenizer)
+    device = _input_device(model)
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    batches = _plan_batches(model, tokenizer, requests, batch_size)
+    with torch.inference_mode():
+        for ids, mask, positions, keep, members in tqdm(batches, desc="log-likelihood",
+                                                        disable=not progress):
+            logits = model(ids.to(device),
+                           attention_mask=None if mask is None else mask.to(device),
+                           position_ids=None if positions is None else positions.to(device),
+                           use_cache=False, logits_to_keep=keep).logits
+            for row, requests_in_row in enumerate(members):
+                for i, cont in requests_in_row:
+                    k = len(cont)
+                    logprobs = torch.log_softmax(logits[row, keep - k:].float(), dim=-1)
+                    target = torch.tensor(cont, device=logprobs.device)
+                    ll = float(logprobs.gather(-1, target[:, None]).sum())
+                    results[i] = (ll, bool((logprobs.argmax(-1) == target).all()))
+    tokens = sum(ids.numel() if mask is None else int(mask.sum()) for ids, mask, *_ in batches)
+    return results, tokens
+
+
+# ------------------------------------------------------------------- multiple choice
+
+
+def _check_items(items: Sequence[Item]) -> None:
+    if len(items) == 0:
+        raise ValueError("The item list is empty; load some with load_benchmark(name, n).")
+    for i, item in enumerate(items):
+        if item.greedy:
+            if len(item.requests) != 1 or item.label != 0:
+                raise ValueError(f"Item {i} ({item.task}) is greedy, so it needs exactly one "
+                                 "request and label 0.")
+            continue
+        if len(item.requests) < 2:
+            raise ValueError(f"Item {i} ({item.task}) has {len(item.requests)} choice; multiple "
+                             "choice needs at least two.")
+        if len(item.choices) != len(item.requests):
+            raise ValueError(f"Item {i} ({item.task}) has {len(item.choices)} choices but "
+                             f"{len(item.requests)} requests; give one request per choice.")
+        if not 0 <= item.label < len(item.requests):
+            raise ValueError(f"Item {i} ({item.task}) has label {item.label}, outside 0.."
+                             f"{len(item.requests) - 1}; the label is the index of the right "
+                             "choice.")
+
+
+def _reports_acc_norm(task: str) -> bool:
+    return task.split(":", 1)[0] not in _NO_ACC_NORM
+
+
+def score_items(model, tokenizer, items: Sequence[Item], batch_size: int = 16,
+                progress: bool = True) -> pd.DataFrame:
+    """Score each item; one row per item, for looking at single questions.
+
+    Columns: ``task``, ``label``, ``pred`` (argmax of the log-likelihoods), ``pred_norm``
+    (argmax of log-likelihood / ``len(choice)`` in characters), ``correct``,
+    ``correct_norm`` (NaN where lm-evaluation-harness reports no acc_norm for the task,
+    and for greedy items), ``loglikelihoods`` (a tuple per item), ``greedy``.
+
+    The choice lengths are those of ``item.choices``, the answer texts without the
+    leading space, exactly as lm-evaluation-harness's ``len(choice)``. Ties go to the
+    first choice (``numpy.argmax``). Greedy items (LAMBADA) are right when every target
+    token is the model's argmax.
+    """
+    return _score_items(model, tokenizer, items, batch_size, progress)[0]
+
+
+def _score_items(model, tokenizer, items, batch_size, progress):
+    _check_items(items)
+    requests = [r for item in items for r in item.requests]
+    scores, tokens = _loglikelihoods(model, tokenizer, requests, batch_size, progress)
+    rows, at = [], 0
+    for item in items:
+        item_scores = scores[at:at + len(item.requests)]
+        at += len(item.requests)
+        lls = np.array([s for s, _ in item_scores], dtype=np.float64)
+        if item.greedy:
+            pred, pred_norm = (0 if item_scores[0][1] else -1), -1
+            correct, correct_norm = float(item_scores[0][1]), math.nan
+        else:
+            lengths = np.array([float(len(c)) for c in item.choices])
+            pred = int(np.argmax(lls))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                pred_norm = int(np.argmax(lls / lengths))
+            correct = float(pred == item.label)
+            correct_norm = float(pred_norm == item.label) if _reports_acc_norm(item.task) \
+                else math.nan
+        rows.append({"task": item.task, "label": item.label, "pred": pred,
+                     "pred_norm": pred_norm, "correct": correct, "correct_norm": correct_norm,
+                     "loglikelihoods": tuple(float(x) for x in lls), "greedy": item.greedy})
+    return pd.DataFrame(rows), tokens
+
+
+def _task_name(tasks) -> str:
+    names = sorted(set(tasks))
+    if len(names) == 1:
+        return names[0]
+    parents = sorted({t.split(":", 1)[0] for t in names})
+    return parents[0] if len(parents) == 1 else "+".join(parents)
+
+
+def _summary(values: np.ndarray, prefix: str) -> dict:
+    values = values[~np.isnan(values)]  # items whose task does not report this metric
+    if len(values) == 0:
+        return {prefix: math.nan, f"{prefix}_stderr": math.nan,
+                f"{prefix}_ci_low": math.nan, f"{prefix}_ci_high": math.nan}
+    low, high = binomial_ci(int(values.sum()), len(values))
+    return {prefix: float(values.mean()), f"{prefix}_stderr": _mean_stderr(values),
+            f"{prefix}_ci_low": low, f"{prefix}_ci_high": high}
+
+
+def evaluate_choices(model, tokenizer, items: Sequence[Item], batch_size: int = 16,
+                     progress: bool = True) -> dict:
+    """Zero-shot accuracy on ``items``, scored by log-likelihood as lm-evaluation-harness
+    does.
+
+    For an item with choices :math:`c_i` and continuation log-likelihoods :math:`\\ell_i`,
+
+    .. math:: \\mathrm{acc} = [\\arg\\max_i \\ell_i = y], \\qquad
+              \\mathrm{acc\\_norm} = [\\arg\\max_i \\ell_i / |c_i| = y]
+
+    with :math:`|c_i|` the length of the choice text in characters (``len(choice)``, not
+    counting the space in front of it), averaged over items. ``acc_norm`` is NaN for tasks
+    whose lm-evaluation-harness config reports acc alone: MMLU, BoolQ, Winogrande and
+    LAMBADA (where acc means the greedy continuation is the target word).
+
+    Each accuracy comes with ``*_stderr`` (lm-evaluation-harness's standard error of the
+    mean, sample standard deviation over :math:`\\sqrt n`) and a 95% Wilson score interval
+    ``*_ci_low`` .. ``*_ci_high`` (see ``binomial_ci``).
+
+    Returns a dict: ``task``, ``n``, ``acc``, ``acc_stderr``, ``acc_ci_low``,
+    ``acc_ci_high``, the same four for ``acc_norm``, ``chance`` (mean of 1 / number of
+    choices; 0 for greedy items), ``perplexity`` (greedy items only: lm-evaluation-harness's
+    LAMBADA perplexity, exp of minus the mean log-likelihood of the target), ``tokens``
+    (tokens scored, counting each distinct input once) and ``seconds``.
+    """
+    _check_items(items)
+    t0 = time.perf_counter()
+    per_item, tokens = _score_items(model, tokenizer, items, batch_size, progress)
+    seconds = time.perf_counter() - t0
+    greedy = per_item["greedy"].to_numpy(bool)
+    lls = per_item["loglikelihoods"]
+    ppl = math.exp(-float(np.mean([ll[0] for ll in lls[greedy]]))) if greedy.all() else math.nan
+    chance = float(np.mean([0.0 if it.greedy else 1.0 / len(it.requests) for it in items]))
+    return {"task": _task_name(per_item["task"]), "n": len(items),
+            **_summary(per_item["correct"].to_numpy(float), "acc"),
+            **_summary(per_item["correct_norm"].to_numpy(float), "acc_norm"),
+            "chance": chance, "perplexity": ppl,
+            "tokens": tokens, "seconds": seconds}
+
+
+def evaluate_suite(model, tokenizer, tasks: Mapping[str, int | None] | None = None,
+                   seed: int = 0, batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
+    """``evaluate_choices`` on several benchmarks; one row per task.
+
+    ``tasks`` maps a ``load_benchmark`` name to a number of items (``None`` for all of
+    them); the default is ``DEFAULT_SUITE``, 200 items each of MMLU, PIQA, HellaSwag,
+    ARC-Easy, BoolQ and Winogrande. The subsets are drawn with ``seed``, so every chapter
+    that uses the same tasks and seed evaluates the same items.
+
+    Columns: those of ``evaluate_choices`` (``task``, ``n``, ``acc``, ``acc_stderr``,
+    ``acc_ci_low``, ``acc_ci_high``, ``acc_norm`` and its three, ``chance``,
+    ``perplexity``, ``tokens``, ``seconds``).
+    """
+    tasks = DEFAULT_SUITE if tasks is None else tasks
+    if not tasks:
+        raise ValueError("No tasks given; pass e.g. {'piqa': 200} or leave tasks=None for "
+                         "DEFAULT_SUITE.")
+    rows = []
+    for name, n in tasks.items():
+        items = load_benchmark(name, n, seed=seed)
+        row = evaluate_choices(model, tokenizer, items, batch_size=batch_size, progress=progress)
+        rows.append({**row, "task": name})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+def generation_samples(model, tokenizer, prompts: Sequence[str] = GENERATION_PROMPTS,
+                       max_new_tokens: int = 40, progress: bool = True) -> pd.DataFrame:
+    """Greedy continuations of fixed ``prompts``, one row per prompt.
+
+    Each prompt runs alone (batch 1, no padding) with ``do_sample=False``, so the text
+    depends only on the model. Generation stops at ``max_new_tokens`` or at the
+    end-of-sequence token. Columns: ``prompt``, ``continuation`` (the new text only),
+    ``new_tokens``.
+    """
+    if len(prompts) == 0:
+        raise ValueError("No prompts given; pass a list of strings or use GENERATION_PROMPTS.")
+    _check_tokenizer(model, tokenizer)
+    device = _input_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    with torch.inference_mode():
+        for prompt in tqdm(prompts, desc="generating", disable=not progress):
+            enc = tokenizer(prompt, return_tensors="pt")
+            ids = enc["input_ids"].to(device)
+            out = model.generate(ids, attention_mask=enc["attention_mask"].to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+            new = out[0, ids.shape[1]:]
+            rows.append({"prompt": prompt,
+                         "continuation": tokenizer.decode(new, skip_special_tokens=True),
+                         "new_tokens": int(new.numel())})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------- cost
+
+
+def _safetensors_bytes(model) -> int:
+    """Size of the model written as one safetensors file (shared tensors stored once)."""
+    from safetensors.torch import save_model
+
+    with tempfile.TemporaryDirectory(prefix="shortgpt-lite-size-") as tmp:
+        path = Path(tmp) / "model.safetensors"
+        save_model(model, str(path))
+        return path.stat().st_size
+
+
+def _weights_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _rss(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class _PeakMemory:
+    """Extra memory at peak while the block runs, beyond what was in use when it began.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak. CPU (Linux):
+    the process's resident-set high-water mark ``VmHWM``, reset by writing 5 to
+    ``/proc/self/clear_refs``, minus the resident set at the start. Elsewhere ``extra``
+    is NaN.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "unavailable"
+        self.extra = math.nan
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            self.kind = "cuda max_memory_allocated"
+        elif self.device.type == "cpu" and os.access(_CLEAR_REFS, os.W_OK):
+            _CLEAR_REFS.write_text("5")
+            self.start = _rss("VmRSS")
+            self.kind = "process peak RSS (VmHWM)" if self.start is not None else "unavailable"
+        return self
+
+    def __exit__(self, *exc):
+        if self.kind.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+            self.extra = torch.cuda.max_memory_allocated(self.device) - self.start
+        elif self.kind.startswith("process"):
+            peak = _rss("VmHWM")
+            self.extra = max(0, peak - self.start) if peak is not None else math.nan
+        return False
+
+
+def _cost_one(model, seq_len: int, decode_tokens: int, repeats: int, seed: int) -> dict:
+    max_pos = _max_positions(model)
+    if max_pos is not None and seq_len + decode_tokens > max_pos:
+        raise ValueError(f"A {seq_len}-token prompt plus {decode_tokens} decoded tokens needs more "
+                         f"than the model's {max_pos} positions; use a shorter seq_len.")
+    if repeats < 1 or decode_tokens < 1:
+        raise ValueError("repeats and decode_tokens must be at least 1.")
+    device = _input_device(model)
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    nonzero = sum(int(torch.count_nonzero(p)) for p in params)
+    # Speed does not depend on which tokens are read, only on how many.
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, _vocab_rows(model), (1, seq_len), generator=gen).to(device)
+
+    def run_once(n_decode: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        out = model(prompt, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        t1 = time.perf_counter()
+        past = out.past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(n_decode):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        return t1 - t0, n_decode / (time.perf_counter() - t1)
+
+    prefill, decode = [], []
+    with torch.inference_mode(), _PeakMemory(device) as peak:
+        run_once(min(decode_tokens, 4))  # warm-up: kernels, allocator, thread pool
+        for _ in range(repeats):
+            p, d = run_once(decode_tokens)
+            prefill.append(p)
+            decode.append(d)
+    weights = _weights_bytes(model)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    return {
+        "layers": getattr(config, "num_hidden_layers", None),
+        "params_total": total,
+        "params_nonzero": nonzero,
+        "safetensors_bytes": _safetensors_bytes(model),
+        "weights_bytes": weights,
+        "peak_memory_bytes": weights + peak.extra,
+        "peak_memory_measure": peak.kind,
+        "prefill_tokens": seq_len,
+        "prefill_seconds": statistics.median(prefill),
+        "decode_tokens_per_s": statistics.median(decode),
+        "device": str(device),
+        "dtype": str(next(iter(params)).dtype).replace("torch.", ""),
+        "repeats": repeats,
+    }
+
+
+def cost(model, seq_len: int = 512, decode_tokens: int = 32, repeats: int = 5,
+         seed: int = 0):
+    """What a model costs to store and run, measured on the device it is on.
+
+    * ``params_total`` and ``params_nonzero``: parameters, tied ones counted once; the
+      second is what unstructured (Wanda) sparsity lowers and depth pruning does not
+      need to.
+    * ``safetensors_bytes``: the size of the model written as one safetensors file (it
+      is written to a temporary folder and measured); ``weights_bytes``: parameters and
+      buffers in memory.
+    * ``peak_memory_bytes``: ``weights_bytes`` plus the extra memory at the peak of the
+      prefill and decode runs below. On CUDA the extra is from
+      ``torch.cuda.max_memory_allocated``; on a Linux CPU it is the growth of the process's
+      peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``), which counts
+      every allocation including the allocator's slack. ``peak_memory_measure`` says which.
+    * ``prefill_seconds``: one forward pass over a ``seq_len``-token prompt at batch 1,
+      filling the KV cache and computing the next token's logits (time to first token).
+    * ``decode_tokens_per_s``: ``decode_tokens`` greedy steps at batch 1 with the KV cache
+      after that prompt.
+
+    One warm-up run comes first; the times are the median of ``repeats`` runs. The
+    prompt is random token ids (seeded): the speed depends on the number of tokens, not
+    on which they are.
+
+    ``model`` is one model (returns a dict) or a mapping ``{name: model}`` (returns a
+    DataFrame indexed by name, so a dense and a pruned model sit side by side).
+    """
+    if isinstance(model, Mapping):
+        if not model:
+            raise ValueError("No models given; pass a model or a dict {name: model}.")
+        rows = {name: _cost_one(m, seq_len, decode_tokens, repeats, seed)
+                for name, m in tqdm(model.items(), desc="cost", disable=len(model) < 2)}
+        return pd.DataFrame.from_dict(rows, orient="index")
+    return _cost_one(model, seq_len, decode_tokens, repeats, seed)
+

@@ -1,0 +1,332 @@
+"""Tests for shortgpt_lite.evaluate.
+
+Fast tests use a tiny random Llama with a byte-level tokenizer built in memory; the slow
+ones use the bundled SmolLM2-135M (the ``smollm2`` fixture in conftest.py).
+"""
+
+import copy
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from shortgpt_lite import evaluate as ev
+from shortgpt_lite.data import Item, load_benchmark, token_windows
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+def _byte_tokenizer():
+    """A GPT-2-style byte-level tokenizer with no merges: one token per byte, plus EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def _tiny_llama(vocab_size=257, seed=0, max_positions=128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_positions, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    # A larger spread than the default init, so scores differ clearly between tokens.
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = _byte_tokenizer()
+    assert len(tokenizer) == 257
+    return _tiny_llama(), tokenizer
+
+
+def _naive_loglikelihood(model, tokenizer, context, continuation):
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    cont = whole[len(ctx):]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+    picked = [logprobs[len(ctx) - 1 + j, t] for j, t in enumerate(cont)]
+    greedy = all(int(logprobs[len(ctx) - 1 + j].argmax()) == t for j, t in enumerate(cont))
+    return float(sum(picked)), greedy
+
+
+REQUESTS = [
+    ("The cat sat on the", " mat"),
+    ("A", " b"),
+    ("Question: what is longer, a river or a puddle?\nAnswer:", " a river"),
+    ("Question: what is longer, a river or a puddle?\nAnswer:", " a puddle of water"),
+    ("x", " y"),
+    ("x", " z"),
+]
+
+
+# ------------------------------------------------------------------- log-likelihoods
+
+
+def test_loglikelihoods_equal_a_plain_forward_pass(tiny):
+    model, tokenizer = tiny
+    got = ev.loglikelihoods(model, tokenizer, REQUESTS, batch_size=4, progress=False)
+    for (ctx, cont), (ll, greedy) in zip(REQUESTS, got):
+        want_ll, want_greedy = _naive_loglikelihood(model, tokenizer, ctx, cont)
+        assert ll == pytest.approx(want_ll, abs=1e-4)
+        assert greedy == want_greedy
+
+
+def test_padding_does_not_change_scores(tiny):
+    model, tokenizer = tiny
+    one = ev.loglikelihoods(model, tokenizer, REQUESTS, batch_size=1, progress=False)
+    # All six in one batch: the short ones get up to 50 pad tokens on the left.
+    together = ev.loglikelihoods(model, tokenizer, REQUESTS, batch_size=16, progress=False)
+    np.testing.assert_allclose([s for s, _ in one], [s for s, _ in together], atol=1e-4)
+    assert [g for _, g in one] == [g for _, g in together]
+
+
+def test_trailing_space_of_the_context_moves_to_the_continuation(tiny):
+    model, tokenizer = tiny
+    (a, _), (b, _) = ev.loglikelihoods(model, tokenizer, [("The cat sat on the ", "mat"),
+                                                          ("The cat sat on the", " mat")],
+                                       progress=False)
+    assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_greedy_item_counts_right_only_when_the_target_is_the_argmax(tiny):
+    model, tokenizer = tiny
+    # The random model's greedy bytes need not be valid UTF-8: take the first context
+    # whose greedy two-token continuation survives decoding and re-encoding.
+    for context in ("Once upon a", "Hello", "abc", "The end", "xyz", "Q:", "1 2 3", "ok"):
+        ids = tokenizer(context, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=256)
+        target = tokenizer.decode(out[0, ids.shape[1]:])
+        if tokenizer(context + target)["input_ids"] == out[0].tolist():
+            break
+    else:
+        pytest.skip("no context with a decodable greedy continuation")
+    wrong = target[::-1] if target[::-1] != target else target + "!"
+    items = [Item("lambada", context, (target,), 0, ((context, target),), greedy=True),
+             Item("lambada", context, (wrong,), 0, ((context, wrong),), greedy=True)]
+    per_item = ev.score_items(model, tokenizer, items, progress=False)
+    assert per_item["correct"].tolist() == [1.0, 0.0]
+    result = ev.evaluate_choices(model, tokenizer, items, progress=False)
+    assert result["acc"] == 0.5 and math.isnan(result["acc_norm"])
+    assert result["perplexity"] > 1
+
+
+# ------------------------------------------------------------------ acc and acc_norm
+
+
+def test_acc_norm_by_hand(monkeypatch, tiny):
+    model, tokenizer = tiny
+    items = [
+        # acc picks the short choice (-4 > -6); per character -4/2 = -2 < -6/6 = -1.
+        Item.simple("piqa", "q1", ["ab", "abcdef"], label=1),
+        Item.simple("piqa", "q2", ["abc", "a", "abcdefghi"], label=0),
+        Item.simple("boolq", "q3", ["no", "yes"], label=1),
+    ]
+    fixed = [-4.0, -6.0,  # q1: acc -> 0 (wrong), acc_norm -> 1 (right)
+             -3.0, -2.0, -9.0,  # q2: acc -> 1 (wrong); per char -1, -2, -1 -> tie, first: 0
+             -1.0, -0.5]  # q3: acc -> 1 (right); BoolQ reports no acc_norm
+    monkeypatch.setattr(ev, "_loglikelihoods",
+                        lambda *a, **k: ([(s, False) for s in fixed], 42))
+    per_item = ev.score_items(model, tokenizer, items, progress=False)
+    assert per_item["pred"].tolist() == [0, 1, 1]
+    assert per_item["pred_norm"].tolist() == [1, 0, 1]
+    assert per_item["correct"].tolist() == [0.0, 0.0, 1.0]
+    assert per_item["correct_norm"].tolist()[:2] == [1.0, 1.0]
+    assert math.isnan(per_item["correct_norm"].iloc[2])
+
+    result = ev.evaluate_choices(model, tokenizer, items, progress=False)
+    assert result["acc"] == pytest.approx(1 / 3)
+    assert result["acc_norm"] == 1.0  # over the two items whose task reports it
+    assert result["chance"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 3)
+    assert result["tokens"] == 42
+    # lm-evaluation-harness's stderr: sample std (ddof=1) / sqrt(n)
+    assert result["acc_stderr"] == pytest.approx(np.std([0, 0, 1], ddof=1) / math.sqrt(3))
+    assert result["acc_ci_low"] < result["acc"] < result["acc_ci_high"]
+
+
+def test_wilson_interval_known_values():
+    low, high = ev.binomial_ci(50, 100)
+    assert (low, high) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    low, high = ev.binomial_ci(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    # With 200 items at 50%, the interval is wider than a 3-point difference.
+    low, high = ev.binomial_ci(100, 200)
+    assert high - low > 0.13
+
+
+# --------------------------------------------------------------------------- perplexity
+
+
+def test_uniform_model_has_perplexity_equal_to_its_vocabulary(tiny):
+    model = _tiny_llama(seed=1)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: p = 1/V for every token
+    windows = torch.randint(0, 257, (5, 16), generator=torch.Generator().manual_seed(0))
+    result = ev.perplexity(model, windows, batch_size=2, progress=False)
+    assert result["perplexity"] == pytest.approx(257, rel=1e-5)
+    assert result["seq_len"] == 16 and result["windows"] == 5 and result["tokens"] == 5 * 15
+
+
+def test_perplexity_is_exp_of_mean_cross_entropy_whatever_the_batch(tiny):
+    model, _ = tiny
+    windows = torch.randint(0, 257, (5, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(windows).logits
+    want = math.exp(float(torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 257), windows[:, 1:].reshape(-1))))
+    for batch_size in (1, 2, 5):
+        got = ev.perplexity(model, windows, batch_size=batch_size, progress=False)["perplexity"]
+        assert got == pytest.approx(want, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_gets_a_clear_error(tiny):
+    model, tokenizer = tiny
+    good = Item.simple("piqa", "q", ["a", "b"], label=0)
+    with pytest.raises(ValueError, match="empty"):
+        ev.evaluate_choices(model, tokenizer, [], progress=False)
+    with pytest.raises(ValueError, match="label 2"):
+        ev.evaluate_choices(model, tokenizer, [good, Item.simple("piqa", "q", ["a", "b"], 2)],
+                            progress=False)
+    with pytest.raises(ValueError, match="label -1"):
+        ev.score_items(model, tokenizer, [Item.simple("piqa", "q", ["a", "b"], -1)],
+                       progress=False)
+    # 128 positions: a window of 129 tokens does not fit.
+    with pytest.raises(ValueError, match="only 128 positions"):
+        ev.perplexity(model, torch.zeros((2, 129), dtype=torch.long), progress=False)
+    with pytest.raises(ValueError, match="another model's tokenizer"):
+        ev.perplexity(model, torch.full((1, 8), 300, dtype=torch.long), progress=False)
+    # A model whose vocabulary is far bigger, and one far smaller, than the tokenizer's.
+    for vocab in (1000, 100):
+        with pytest.raises(ValueError, match="belong to different models"):
+            ev.evaluate_choices(_tiny_llama(vocab_size=vocab), tokenizer, [good], progress=False)
+    with pytest.raises(ValueError, match="belong to different models"):
+        ev.generation_samples(_tiny_llama(vocab_size=1000), tokenizer, ["hi"], progress=False)
+
+
+# ---------------------------------------------------------------- generation and cost
+
+
+def test_generation_samples_are_greedy_and_repeatable(tiny):
+    model, tokenizer = tiny
+    first = ev.generation_samples(model, tokenizer, ["Hello", "2 + 2 ="], max_new_tokens=5,
+                                  progress=False)
+    again = ev.generation_samples(model, tokenizer, ["Hello", "2 + 2 ="], max_new_tokens=5,
+                                  progress=False)
+    assert list(first.columns) == ["prompt", "continuation", "new_tokens"]
+    assert first.equals(again)
+    assert (first["new_tokens"] <= 5).all()
+
+
+def test_cost_counts_parameters_and_measures_speed(tiny):
+    model, _ = tiny
+    sparse = copy.deepcopy(model)
+    with torch.no_grad():
+        sparse.model.layers[0].mlp.down_proj.weight.zero_()
+    result = ev.cost(model, seq_len=16, decode_tokens=4, repeats=2)
+    total = sum(p.numel() for p in model.parameters())
+    assert result["params_total"] == total == result["params_nonzero"]
+    assert result["weights_bytes"] >= 4 * total
+    # safetensors adds only a JSON header to the raw bytes
+    assert 0 < result["safetensors_bytes"] - 4 * total < 64_000
+    assert result["peak_memory_bytes"] >= result["weights_bytes"]
+    assert result["prefill_seconds"] > 0 and result["decode_tokens_per_s"] > 0
+    assert result["prefill_tokens"] == 16 and result["layers"] == 2
+
+    table = ev.cost({"dense": model, "sparse": sparse}, seq_len=16, decode_tokens=4, repeats=1)
+    assert isinstance(table, pd.DataFrame) and list(table.index) == ["dense", "sparse"]
+    assert table.loc["dense", "params_nonzero"] - table.loc["sparse", "params_nonzero"] == 64 * 32
+    with pytest.raises(ValueError, match="positions"):
+        ev.cost(model, seq_len=128, decode_tokens=4)
+
+
+# ----------------------------------------------------------- the bundled model (slow)
+
+# Pairs in which the same two answers swap roles, so a model that ignores the context
+# gets exactly one of each pair right: 50%.
+EASY_PAIRS = [
+    ("The capital of France is", " Paris", "The capital of Italy is", " Rome"),
+    ("Monday, Tuesday,", " Wednesday", "January, February,", " March"),
+    ("The cat says", " meow", "The cow says", " moo"),
+    ("One, two, three, four,", " five", "Eight, nine, ten, eleven,", " twelve"),
+    ("The opposite of hot is", " cold", "The opposite of short is", " tall"),
+    ("A, B, C, D,", " E", "V, W, X, Y,", " Z"),
+    ("Roses are red, violets are", " blue", "Grass is usually", " green"),
+    ("She drank a glass of cold", " water", "He ate a slice of", " bread"),
+]
+
+
+def _easy_items():
+    items = []
+    for ctx_a, ans_a, ctx_b, ans_b in EASY_PAIRS:
+        items.append(Item.simple("easy", ctx_a, [ans_a.strip(), ans_b.strip()], label=0))
+        items.append(Item.simple("easy", ctx_b, [ans_a.strip(), ans_b.strip()], label=1))
+    return items
+
+
+def _scrambled(model, seed=0):
+    """The model with each weight tensor's entries randomly permuted: same shapes and
+    statistics, no knowledge."""
+    scrambled = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in scrambled.parameters():
+            flat = p.view(-1)
+            flat.copy_(flat[torch.randperm(flat.numel(), generator=gen)])
+    return scrambled
+
+
+@pytest.mark.slow
+def test_real_model_picks_easy_answers_and_a_scrambled_copy_does_not(smollm2):
+    model, tokenizer = smollm2
+    items = _easy_items()
+    real = ev.evaluate_choices(model, tokenizer, items, progress=False)
+    assert real["acc"] >= 15 / 16
+    scrambled = ev.evaluate_choices(_scrambled(model), tokenizer, items, progress=False)
+    assert scrambled["acc"] <= 11 / 16
+
+
+@pytest.mark.slow
+def test_continuation_tokens_follow_lm_eval(smollm2):
+    _, tokenizer = smollm2
+    (ctx, cont), = ev._encode_requests(tokenizer, [("The capital of France is ", "Paris")])
+    assert ctx == tokenizer("The capital of France is")["input_ids"]
+    assert cont == tokenizer(" Paris")["input_ids"]  # the space moved over
+
+
+@pytest.mark.slow
+def test_dense_model_beats_chance_on_200_piqa_items(smollm2):
+    model, tokenizer = smollm2
+    result = ev.evaluate_choices(model, tokenizer, load_benchmark("piqa", 200, seed=0),
+                                 progress=False)
+    assert result["n"] == 200 and result["chance"] == 0.5
+    assert result["acc_ci_low"] > 0.5
+    assert result["acc_norm_ci_low"] > 0.5
+
+
+@pytest.mark.slow
+def test_wikipedia_perplexity_at_512_tokens_is_in_band(smollm2):
+    model, tokenizer = smollm2
+    result = ev.text_perplexity(model, tokenizer, "wikipedia", "evaluation", seq_len=512,
+                                max_windows=4, progress=False)
+    # SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised): about 24 on these windows.
+    assert result["seq_len"] == 512 and result["windows"] == 4
+    assert 15 < result["perplexity"] < 35
+    windows = token_windows(tokenizer, "The cat sat on the mat. " * 200, seq_len=128,
+                            max_windows=1)
+    assert ev.perplexity(model, windows, progress=False)["perplexity"] < 3  # a repeated line
