@@ -1,0 +1,129 @@
+"""The command line: score layers, or prune a model and write it out.
+
+    shortgpt-lite score --model smollm2-135m --corpus wikipedia --tokens 32768 [--metric bi] [--json FILE]
+    shortgpt-lite prune --model smollm2-135m --remove 8 [--metric bi] --out DIR
+
+``score`` prints one line per layer: its score and the order in which the metric would
+remove it. ``prune`` removes the ``--remove`` lowest-scoring layers and writes a folder
+that plain ``AutoModelForCausalLM.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    from .importance import METRICS
+
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="a bundled model (smollm2-135m, gemma3-270m), a local folder or a hub id")
+    parser.add_argument("--corpus", default="wikipedia", help="calibration corpus (default wikipedia)")
+    parser.add_argument("--tokens", type=int, default=32768,
+                        help="calibration tokens, cut into windows of --seq-len (default 32768)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    parser.add_argument("--metric", default="bi", choices=list(METRICS),
+                        help="importance metric; lower scores are removed first (default bi)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the 'random' metric")
+    parser.add_argument("--device", default="auto", help="cuda, cpu, mps or auto (default)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 "
+                        "(default: fp32 on CPU, bf16 on GPU)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _scores(args):
+    from .data import load_text, token_windows
+    from .importance import layer_importance
+    from .models import load_model
+
+    if args.tokens < args.seq_len:
+        raise SystemExit(f"--tokens ({args.tokens}) must be at least --seq-len ({args.seq_len}).")
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    windows = token_windows(tokenizer, load_text(args.corpus, "calibration"), seq_len=args.seq_len,
+                            max_windows=args.tokens // args.seq_len)
+    t0 = time.perf_counter()
+    scores = layer_importance(model, windows, args.metric, batch_size=args.batch_size,
+                              seed=args.seed, progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    return model, tokenizer, windows, scores, seconds
+
+
+def _removal_order(scores) -> list[int]:
+    order = sorted(range(len(scores)), key=lambda i: (float(scores[i]), i))
+    rank = [0] * len(scores)
+    for position, layer in enumerate(order, start=1):
+        rank[layer] = position
+    return rank
+
+
+def _print_table(scores, metric: str, out=None) -> None:
+    out = out or sys.stdout  # looked up at call time, so redirection works
+    rank = _removal_order(scores)
+    print(f"{'layer':>5}  {metric:>18}  {'removal order':>13}", file=out)
+    for i, s in enumerate(scores):
+        print(f"{i:>5}  {float(s):>18.6g}  {rank[i]:>13}", file=out)
+
+
+def cmd_score(args) -> None:
+    _, _, windows, scores, seconds = _scores(args)
+    _print_table(scores, args.metric)
+    n_tokens = windows.numel()
+    print(f"{args.metric} of {len(scores)} layers of {args.model} on {n_tokens} {args.corpus} "
+          f"tokens ({windows.shape[0]} windows of {windows.shape[1]}) in {seconds:.1f} s")
+    if args.json:
+        record = {"model": args.model, "corpus": args.corpus, "metric": args.metric,
+                  "tokens": n_tokens, "seq_len": args.seq_len, "seconds": round(seconds, 2),
+                  "scores": [float(s) for s in scores], "removal_order": _removal_order(scores)}
+        Path(args.json).write_text(json.dumps(record, indent=2))
+        print(f"wrote {args.json}")
+
+
+def cmd_prune(args) -> None:
+    from .importance import layers_to_remove
+    from .removal import remove_layers
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} exists and is not empty; choose a new --out folder.")
+    model, tokenizer, _, scores, _ = _scores(args)
+    _print_table(scores, args.metric)
+    try:
+        plan = layers_to_remove(scores, args.remove)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    pruned = remove_layers(model, plan, inplace=True, scores=scores, metric=args.metric)
+    pruned.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    n = pruned.config.get_text_config().num_hidden_layers
+    print(f"removed layers {plan} by {args.metric}; {n} layers left; wrote {out}")
+
+
+def main(argv=None) -> None:
+    """Entry point of the ``shortgpt-lite`` command."""
+    parser = argparse.ArgumentParser(prog="shortgpt-lite", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    score = commands.add_parser("score", help="print per-layer importance scores")
+    _add_common(score)
+    score.add_argument("--json", default=None, metavar="FILE", help="also write the scores as JSON")
+    score.set_defaults(run=cmd_score)
+
+    prune = commands.add_parser("prune", help="remove the least important layers, save the model")
+    _add_common(prune)
+    prune.add_argument("--remove", type=int, required=True, help="how many layers to remove")
+    prune.add_argument("--out", required=True, help="folder to write the pruned model into")
+    prune.set_defaults(run=cmd_prune)
+
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
