@@ -16,6 +16,16 @@ from .data import (
 from .models import BUNDLED_MODELS, cache_dir, load_model, pick_device
 
 # Core: layers, Block Influence, importance metrics, removal
+from .hooks import (
+    LayerStatistics,
+    angular_distance,
+    block_influence,
+    layer_similarity,
+    layer_statistics,
+)
+from .importance import METRICS, layer_importance, layers_to_remove, skip_layer
+from .layers import decoder_layers
+from .removal import remove_layers
 
 # Evaluation and cost
 from .evaluate import (

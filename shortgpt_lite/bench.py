@@ -51,6 +51,240 @@ def bench_load(args) -> None:
 
 # Block Influence benchmarks
 
+# Random-weight models of a known shape (``--shapes``): timing and memory depend on the
+# shape, not on the weights, so a GPU owner can measure a 7B model without downloading it.
+_BI_SHAPES = {
+    "llama-2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+                   "max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
+    "llama-tiny": {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 4,
+                   "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000,
+                   "max_position_embeddings": 4096},
+}
+_BI_APPROACHES = {
+    "forward": "plain forward pass, model(input_ids), logits included",
+    "decoder": "forward stopped after the last decoder layer (no final norm, no LM head)",
+    "block_influence": "shortgpt_lite.block_influence: hooks, streaming fp32 sums",
+    "reference": "output_hidden_states=True, then an N x N cosine matrix per layer and sample",
+}
+
+
+def _bi_setup(settings: dict):
+    """The model and the token windows every approach runs on."""
+    from .models import _resolve_dtype, load_model, pick_device
+
+    device = pick_device(settings["device"])
+    if settings["shapes"]:
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        if settings["shapes"] not in _BI_SHAPES:
+            raise ValueError(f"Unknown --shapes {settings['shapes']!r}; use one of "
+                             f"{', '.join(_BI_SHAPES)}.")
+        dtype = _resolve_dtype(settings["dtype"], device)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**_BI_SHAPES[settings["shapes"]]),
+                                                     dtype=dtype)
+        model.eval()
+        generator = torch.Generator().manual_seed(0)
+        n = max(1, settings["tokens"] // settings["seq_len"])
+        windows = torch.randint(model.config.vocab_size, (n, settings["seq_len"]),
+                                generator=generator)
+        return model, windows
+    from .data import load_text, token_windows
+
+    model, tokenizer = load_model(settings["model"], device=device, dtype=settings["dtype"])
+    windows = token_windows(tokenizer, load_text("wikipedia", "calibration"),
+                            seq_len=settings["seq_len"],
+                            max_windows=max(1, settings["tokens"] // settings["seq_len"]))
+    return model, windows
+
+
+class _BIStop(Exception):
+    pass
+
+
+def _bi_run(name: str, model, windows, batch_size: int) -> None:
+    """One pass of approach ``name`` over all windows."""
+    from .hooks import block_influence
+    from .layers import decoder_layers
+
+    device = model.get_input_embeddings().weight.device
+    if name == "block_influence":
+        block_influence(model, windows, batch_size=batch_size, progress=False)
+        return
+    handle = None
+    if name == "decoder":
+        def stop(module, args, output):
+            raise _BIStop
+
+        handle = decoder_layers(model)[-1].register_forward_hook(stop)
+    try:
+        with torch.no_grad():
+            for s in range(0, windows.shape[0], batch_size):
+                ids = windows[s:s + batch_size].to(device)
+                if name == "forward":
+                    model(input_ids=ids, use_cache=False)
+                elif name == "decoder":
+                    try:
+                        model(input_ids=ids, use_cache=False)
+                    except _BIStop:
+                        pass
+                else:
+                    # the approach of the reference code: keep every hidden state, then for
+                    # each layer and sample build the seq_len x seq_len matrix of cosines
+                    # and read its diagonal
+                    states = model(input_ids=ids, use_cache=False,
+                                   output_hidden_states=True).hidden_states
+                    bi = torch.zeros(len(states) - 1, device=ids.device)
+                    for i in range(len(states) - 1):
+                        for b in range(ids.shape[0]):
+                            x = states[i][b] / states[i][b].norm(dim=-1, keepdim=True)
+                            y = states[i + 1][b] / states[i + 1][b].norm(dim=-1, keepdim=True)
+                            bi[i] += 1 - (x @ y.T).diagonal().float().mean()
+                    del states
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _bi_sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _bi_memory_child() -> None:
+    """Run one approach in this fresh process and print its peak resident memory as JSON.
+
+    Linux resets a process's peak RSS (VmHWM) when "5" is written to
+    /proc/self/clear_refs, so the peak of the pass itself is measured, not the peak of
+    loading the model. Where that is not allowed, ru_maxrss (peak since the start) is used.
+    """
+    import gc
+    import json
+    import resource
+    import sys
+
+    settings = json.loads(sys.argv[1])
+    torch.set_num_threads(settings["threads"])
+    model, windows = _bi_setup(settings)
+    name = settings["approach"]
+    _bi_run(name, model, windows[:1, :16], 1)  # one-time library set-up, alike for all
+    gc.collect()
+    loaded = _rss_bytes()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        method = "VmHWM after clear_refs"
+    except OSError:
+        method = "ru_maxrss"
+    _bi_run(name, model, windows, settings["batch_size"])
+    if method == "ru_maxrss":
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    else:
+        peak = _peak_rss_bytes()
+    print(json.dumps({"peak": peak, "loaded": loaded, "method": method}))
+
+
+def _bi_memory_cpu(settings: dict) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    result = {}
+    for name in _BI_APPROACHES:
+        child = subprocess.run(
+            [sys.executable, "-c", "from shortgpt_lite.bench import _bi_memory_child as f; f()",
+             json.dumps({**settings, "approach": name})],
+            capture_output=True, text=True, check=False)
+        if child.returncode != 0:
+            raise RuntimeError(f"The memory run of {name!r} failed:\n{child.stderr[-3000:]}")
+        result[name] = json.loads(child.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _bi_memory_cuda(model, windows, batch_size: int, device) -> dict:
+    import gc
+
+    result = {}
+    for name in _BI_APPROACHES:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        loaded = torch.cuda.memory_allocated(device)
+        _bi_run(name, model, windows, batch_size)
+        torch.cuda.synchronize(device)
+        result[name] = {"peak": torch.cuda.max_memory_allocated(device), "loaded": loaded,
+                        "method": "torch.cuda.max_memory_allocated"}
+    return result
+
+
+@benchmark("bi", "Block Influence vs a plain forward vs output_hidden_states + N x N cosines")
+def bench_bi(args) -> None:
+    import time
+
+    settings = {"model": args.model, "device": args.device, "dtype": args.dtype,
+                "shapes": args.shapes, "tokens": args.tokens or 4096, "seq_len": args.seq_len,
+                "batch_size": args.batch_size or 4, "threads": torch.get_num_threads()}
+    model, windows = _bi_setup(settings)
+    device = model.get_input_embeddings().weight.device
+    batch_size = settings["batch_size"]
+    what = (f"random-weight {settings['shapes']}" if settings["shapes"] else settings["model"])
+    print(f"machine: {machine()}")
+    print(f"model: {what}, {model.config.num_hidden_layers} layers, {model.dtype}, on {device}; "
+          f"{windows.numel()} tokens = {windows.shape[0]} windows of {windows.shape[1]}, "
+          f"batch size {batch_size}; {args.repeats} timed repeats, interleaved")
+
+    for name in _BI_APPROACHES:  # warm-up
+        _bi_run(name, model, windows[:batch_size], batch_size)
+    times = {name: [] for name in _BI_APPROACHES}
+    for _ in range(args.repeats):
+        for name in _BI_APPROACHES:
+            _bi_sync(device)
+            t0 = time.perf_counter()
+            _bi_run(name, model, windows, batch_size)
+            _bi_sync(device)
+            times[name].append(time.perf_counter() - t0)
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+    if device.type == "cuda":
+        memory = _bi_memory_cuda(model, windows, batch_size, device)
+    else:
+        del model
+        memory = _bi_memory_cpu(settings)
+    method = next(iter(memory.values()))["method"]
+    base = memory["forward"]
+    mb = 2 ** 20
+    print(f"peak memory: {method}" + (", one fresh process per approach" if device.type != "cuda"
+                                      else ", in this process"))
+    print(f"{'approach':<16} {'median s':>9} {'x forward':>9} {'peak MiB':>9} {'x forward':>9} "
+          f"{'pass MiB':>9} {'x forward':>9}")
+    for name in _BI_APPROACHES:
+        m = memory[name]
+        extra, base_extra = m["peak"] - m["loaded"], base["peak"] - base["loaded"]
+        print(f"{name:<16} {median[name]:>9.2f} {median[name] / median['forward']:>9.3f} "
+              f"{m['peak'] / mb:>9.0f} {m['peak'] / base['peak']:>9.3f} {extra / mb:>9.0f} "
+              f"{extra / max(base_extra, 1):>9.3f}")
+    print("pass MiB: peak minus the memory held before the pass (model, data)")
+    for name, text in _BI_APPROACHES.items():
+        print(f"  {name}: {text}")
+
 # Evaluation benchmarks
 
 # A mix of prompt shapes: short two-way (PIQA), long four-way (HellaSwag), short four-way
