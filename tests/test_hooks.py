@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_layers import VOCAB, tiny_model
+from test_layers import ARCHITECTURES, VOCAB, tiny_model
 
 from shortgpt_lite import (
     angular_distance,
@@ -75,7 +75,7 @@ def test_bi_matches_independent_float64_on_bundled_model(smollm2):
 # ------------------------------------------------------------- tiny models, every detail
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma3", "gpt2", "falcon"])
+@pytest.mark.parametrize("name", ARCHITECTURES)
 def test_every_statistic_matches_float64_states(name):
     model = tiny_model(name)
     ids = _windows()

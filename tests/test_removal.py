@@ -104,6 +104,26 @@ def test_generation_with_cache_equals_without_and_equals_hand_written_forward():
     assert torch.equal(with_cache, _greedy_by_hand(model, prompt, removed, 10))
 
 
+def test_multimodal_gemma3_keeps_its_text_config_in_step():
+    from test_layers import _config
+
+    text = _config("gemma3", 6)
+    vision = T.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, image_size=16, patch_size=8)
+    torch.manual_seed(0)
+    model = T.Gemma3ForConditionalGeneration(T.Gemma3Config(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4)).eval()
+    pruned = remove_layers(model, [0, 5])
+    assert pruned.config.text_config.num_hidden_layers == 4
+    assert pruned.config.text_config.layer_types == ["sliding_attention"] * 4
+    assert pruned.config.vision_config.num_hidden_layers == 2
+    ids = _ids()
+    with torch.no_grad():
+        full = pruned(ids, use_cache=False).logits
+    torch.testing.assert_close(_incremental_logits(pruned, ids), full[:, 4:-1], atol=2e-5,
+                               rtol=1e-4)
+
+
 def test_input_model_is_untouched_unless_inplace():
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
