@@ -2,7 +2,7 @@
 
 Write ``x_i`` for the hidden state entering decoder layer ``i`` and ``x_{i+1}`` for the
 state leaving it (``i = 0 … L-1``; ``x_0`` is the embedding output). ShortGPT's Block
-Influence (Men et al. 2024, §3.2, eq. 2) is
+Influence (Men et al. 2024, arXiv 2403.03853, the BI definition in its method section) is
 
     BI_i = 1 - E_{X,t} [ x_{i,t}ᵀ x_{i+1,t} / (‖x_{i,t}‖ ‖x_{i+1,t}‖) ]
 
@@ -28,11 +28,11 @@ How it is computed, and why:
 The same pass can also collect, at no extra forward:
 
 * ``relative_magnitude_i = E_t[ ‖f_i(x)‖ / ‖x + f_i(x)‖ ]`` with ``f_i(x) = x_{i+1} - x_i``
-  (Samragh et al. 2023, "Weight subcloning", §3);
+  (Samragh et al. 2023, "Weight subcloning", arXiv 2312.09299);
 * ``layer_similarity[i, j] = E_t[cos(x_i, x_j)]`` for every pair of states, the
   (L+1)×(L+1) matrix behind the layer-similarity heatmaps;
 * ``angular_distance[n-1, ℓ] = E[ arccos(cos(x_ℓ, x_{ℓ+n})) / π ]``, Gromov et al. 2024
-  ("The Unreasonable Ineffectiveness of the Deeper Layers", §3.2, eq. 7) for blocks of
+  ("The Unreasonable Ineffectiveness of the Deeper Layers", arXiv 2403.17887) for blocks of
   ``n = 1 … N`` layers. Gromov et al. use the last token of each sequence
   (``pair_tokens="last"``); ``"all"`` averages over every token.
 
@@ -412,7 +412,7 @@ def block_influence(model: nn.Module, data, *, batch_size: int = 8,
     """ShortGPT's Block Influence of every decoder layer, ``Tensor[L]`` (fp32, CPU).
 
     ``BI_i = 1 - E_{X,t}[cos(x_{i,t}, x_{i+1,t})]`` over every non-padding token
-    (Men et al. 2024, §3.2). Lower means the layer changes its input less: delete it
+    (Men et al. 2024). Lower means the layer changes its input less: delete it
     first. ``data`` is a LongTensor of token windows ``[n, seq_len]`` or an iterable of
     batches with attention masks (see :func:`iter_batches`). One forward pass, stopped
     after the last layer; memory overhead O(L).
@@ -436,7 +436,7 @@ def angular_distance(model: nn.Module, data, *, max_n: int | None = None, tokens
     uses each sequence's last real token; ``"all"`` every token.
 
     The block of ``n`` layers to prune is ``ℓ* … ℓ*+n-1`` with
-    ``ℓ* = argmin(row n-1)`` (Gromov et al. 2024, §3.2).
+    ``ℓ* = argmin(row n-1)`` (Gromov et al. 2024, their layer-pruning algorithm).
     """
     n = len(decoder_layers(model)) if max_n is None else max_n
     return layer_statistics(model, data, batch_size=batch_size, angular=n, pair_tokens=tokens,

@@ -4,19 +4,17 @@ ShortGPT ranks layers by Block Influence; the papers it is compared with rank th
 ways. All of them are here behind one function, :func:`layer_importance`, so a chapter can
 swap the metric and keep everything else:
 
-=================== ===================================================================
-``bi``              Block Influence, ``1 - E_t[cos(x_i, x_{i+1})]`` (Men et al. 2024, §3.2)
-``angular``         angular distance ``E[arccos(cos(x_i, x_{i+1}))/π]`` for one layer,
-                    over the last token by default (Gromov et al. 2024, §3.2, n = 1)
-``relative_magnitude`` ``E_t[‖f(x)‖ / ‖x + f(x)‖]`` (Samragh et al. 2023, §3)
-``sequential``      ``i``: remove from the front, layer 0 first
-``reverse``         ``L-1-i``: remove from the back, the last layer first
-``random``          a seeded random permutation
-``ppl``             perplexity on the data with layer ``i`` alone skipped
-                    (Kim et al. 2024, "Shortened LLaMA", §3.2, PPL criterion)
-``taylor``          first-order Taylor importance of the block's weights,
-                    ``Σ_k Σ_j |W^k_j · ∂L/∂W^k_j|`` (Shortened LLaMA, §3.2, Taylor)
-=================== ===================================================================
+* ``bi``: Block Influence ``1 - E_t[cos(x_i, x_{i+1})]`` (Men et al. 2024).
+* ``angular``: angular distance ``E[arccos(cos(x_i, x_{i+1}))/π]`` of one layer (n = 1),
+  over each sequence's last token by default (Gromov et al. 2024).
+* ``relative_magnitude``: ``E_t[‖f(x)‖ / ‖x + f(x)‖]`` (Samragh et al. 2023).
+* ``sequential``: ``i``, so layers go from the front, layer 0 first.
+* ``reverse``: ``L-1-i``, so layers go from the back, the last layer first.
+* ``random``: a seeded random permutation.
+* ``ppl``: perplexity on the data with layer ``i`` alone skipped (Kim et al. 2024,
+  "Shortened LLaMA", arXiv 2402.02834, the PPL criterion).
+* ``taylor``: first-order Taylor importance of the block's weights,
+  ``Σ_k Σ_j |W^k_j · ∂L/∂W^k_j|`` (Shortened LLaMA, the Taylor criterion).
 
 :func:`layers_to_remove` turns scores into a plan: the ``k`` lowest-scoring layers,
 optionally never touching the first or last few, which is what Shortened LLaMA's
@@ -214,7 +212,7 @@ def _perplexity_without_each_layer(model, data, batch_size, progress) -> torch.T
 
 
 def _taylor(model, data, batch_size, progress) -> torch.Tensor:
-    """Block-level first-order Taylor importance (Shortened LLaMA, §3.2):
+    """Block-level first-order Taylor importance (Shortened LLaMA's Taylor criterion):
 
         I_i = Σ_k Σ_j | W^{k,i}_j · ∂L/∂W^{k,i}_j |
 
