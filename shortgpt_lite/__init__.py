@@ -42,4 +42,29 @@ from .evaluate import (
     text_perplexity,
 )
 
+# Baselines: Wanda, magnitude, context pruning, comparison
+from .compare import DEFAULT_CORPORA, METHODS, compare, prune_to_budget
+from .context import (
+    DOMAINS,
+    ContextPlan,
+    ContextStatistics,
+    VocabularyMap,
+    context_plan,
+    context_prune,
+    context_statistics,
+    domain_windows,
+    neuron_mask,
+    normalised_l1,
+    shrink_vocabulary,
+)
+from .quantize import quantize_int8, serialized_bytes
+from .wanda import (
+    magnitude_prune,
+    prunable_parameters,
+    sparsity_mask,
+    sparsity_report,
+    wanda_prune,
+    wanda_scores,
+)
+
 __version__ = "0.1.0"

@@ -395,6 +395,114 @@ def bench_cost(args) -> None:
               else f"  {key:<22} {value:,}" if isinstance(value, int) else
               f"  {key:<22} {value}")
 
+# Baseline benchmarks
+
+
+def _wanda_passes(model, windows, batch_size: int) -> None:
+    """The forward passes Wanda's calibration makes, without hooks, scores or masks: the
+    inputs of block 0, then every block twice (statistics, pruned outputs)."""
+    from .layers import decoder_layers
+    from .wanda import _block_inputs, _run_block
+
+    with torch.inference_mode():
+        hidden, calls, tuple_output = _block_inputs(model, windows, batch_size)
+        blocks = decoder_layers(model)
+        for b, block in enumerate(blocks):
+            _run_block(block, hidden, calls[b], tuple_output)
+            if b < len(blocks) - 1:
+                hidden = _run_block(block, hidden, calls[b], tuple_output)
+
+
+@benchmark("wanda", "Wanda's time against the calibration forward passes alone "
+                    "(default 64 x 512 tokens; --repeats timed runs of each)")
+def bench_wanda(args) -> None:
+    import copy
+    import statistics
+    import time
+
+    from .data import load_text, token_windows
+    from .models import load_model
+    from .wanda import sparsity_report, wanda_prune
+
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    device = model.get_input_embeddings().weight.device
+    batch_size = args.batch_size or 8
+    windows = token_windows(tokenizer, load_text("wikipedia", "calibration"), args.seq_len,
+                            max_windows=max(1, (args.tokens or 64 * 512) // args.seq_len))
+
+    def plain_forward():
+        with torch.inference_mode():
+            for s in range(0, len(windows), batch_size):
+                model(windows[s:s + batch_size].to(device), use_cache=False)
+
+    times: dict = {"plain forward (one full pass, logits included)": [],
+                   "Wanda's block passes (2 per block), no scoring": [],
+                   "wanda_prune(sparsity=0.5)": []}
+    names = list(times)
+    pruned = None
+    for _ in range(args.repeats):
+        times[names[0]].append(_timed(plain_forward, device))
+        times[names[1]].append(_timed(lambda: _wanda_passes(model, windows, batch_size), device))
+        target = copy.deepcopy(model)  # not timed
+        t0 = time.perf_counter()
+        pruned = wanda_prune(target, windows, 0.5, batch_size=batch_size, inplace=True,
+                             progress=False)
+        _bi_sync(device)
+        times[names[2]].append(time.perf_counter() - t0)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    achieved = sparsity_report(pruned)
+    print(f"machine: {machine()}")
+    print(f"model: {args.model}, {model.dtype}, on {device}; calibration {windows.numel()} tokens "
+          f"= {len(windows)} windows of {windows.shape[1]}, batch {batch_size}; median of "
+          f"{args.repeats} run(s)")
+    print(f"{'approach':<50} {'median s':>9} {'Wanda / this':>13}")
+    for name in names:
+        print(f"{name:<50} {median[name]:>9.1f} {median[names[2]] / median[name]:>13.2f}")
+    print(f"achieved sparsity of the block linears: {achieved['zeros'].sum() / achieved['params'].sum():.4f} "
+          f"(per layer {achieved['sparsity'].min():.4f} .. {achieved['sparsity'].max():.4f})")
+    print("target: Wanda under 2x the calibration forward passes alone")
+
+
+@benchmark("context", "physical removal of MLP neurons vs zero-masking at the same sparsity: "
+                      "prefill latency and decode speed")
+def bench_context(args) -> None:
+    import statistics
+
+    from .compare import _speed
+    from .context import context_plan, context_prune, context_statistics, domain_windows
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    device = model.get_input_embeddings().weight.device
+    windows = domain_windows(tokenizer, "law", 512, max(1, (args.tokens or 4 * 512) // 512))
+    stats = context_statistics(model, windows, domain="law", progress=False)
+    seq_len, decode = args.seq_len, 32
+    print(f"machine: {machine()}")
+    print(f"model: {args.model}, {model.dtype}, on {device}; statistics from {windows.numel()} "
+          f"law tokens; prefill of {seq_len} tokens and {decode} decode steps at batch 1, "
+          f"median of {args.repeats}")
+    print(f"{'MLP neurons pruned':<19} {'model':<10} {'intermediate':>12} {'params (M)':>10} "
+          f"{'prefill s':>9} {'decode tok/s':>12} {'prefill speedup':>15} {'decode speedup':>14}")
+    for fraction in (0.0, 0.25, 0.5):
+        plan = context_plan(stats, fraction=fraction, linear=False, embeddings=False)
+        masked = context_prune(model, plan, progress=False)
+        physical = context_prune(model, plan, physical=True, progress=False)
+        speed = {}
+        for _ in range(args.repeats):  # interleaved, so drifting load hits both alike
+            for name, m in (("zero-mask", masked), ("physical", physical)):
+                r = _speed(m, seq_len, decode, 1, 0)
+                speed.setdefault(name, []).append(r)
+        for name, m in (("zero-mask", masked), ("physical", physical)):
+            prefill = statistics.median(r["prefill_seconds"] for r in speed[name])
+            tps = statistics.median(r["decode_tokens_per_s"] for r in speed[name])
+            base_prefill = statistics.median(r["prefill_seconds"] for r in speed["zero-mask"])
+            base_tps = statistics.median(r["decode_tokens_per_s"] for r in speed["zero-mask"])
+            params = sum(p.numel() for p in m.parameters()) / 1e6
+            print(f"{fraction:<19.0%} {name:<10} {m.config.intermediate_size:>12} {params:>10.1f} "
+                  f"{prefill:>9.3f} {tps:>12.1f} {base_prefill / prefill:>14.2f}x "
+                  f"{tps / base_tps:>13.2f}x")
+        del masked, physical
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m shortgpt_lite.bench", description=__doc__)

@@ -18,6 +18,17 @@ from shortgpt_lite.context import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Run on one CPU thread. On a shared 2-core machine under load, two OpenMP threads
+    wait for each other at every operation: a tiny model's forward pass measured 1.4 s
+    with two threads and 5 ms with one. Correctness does not depend on the count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny_llama(layers=3, seed=0, tie=True):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -1,0 +1,343 @@
+"""Every pruning method on one budget, measured the same way: one DataFrame.
+
+ShortGPT (Men et al. 2024, arXiv 2403.03853) compares layer removal with width pruning at the same
+share of removed parameters. :func:`compare` does that for the methods of this library:
+each prunes a copy of the model to ``budget``, the fraction of the original parameters
+to remove, and each copy is measured by the same functions.
+
+What counts as removed: a weight set to zero (Wanda, magnitude, masked rows) and a
+weight that is gone (removed layers, removed MLP neurons). Tied weights count once. The
+budget is met as closely as the method's granularity allows: whole layers for ShortGPT
+(3.5M parameters each in SmolLM2-135M), whole MLP neurons for context pruning, single
+weights for Wanda. Two methods do not follow the budget, and their rows say so in
+``params_removed``: 2:4 sparsity zeroes half of every block's linear weights, and int8
+quantization keeps every parameter and shrinks their storage instead.
+
+========================= ====================================================================
+``dense``                 the model as it is
+``shortgpt``              remove the layers of lowest Block Influence (Men et al. 2024)
+``wanda``                 Wanda, unstructured, per output row (Sun et al. 2023)
+``wanda-2:4``             Wanda with 2:4 sparsity in every block linear
+``magnitude``             smallest ``|W|`` per output row, data-free (Wanda's baseline)
+``context``               Mini-GPT context pruning of MLP neurons on ``domain`` text, the
+                          same count in every layer, physically removed (Valicenti et al. 2023)
+``shortgpt+wanda``        half the budget by layer removal, the rest by Wanda
+``int8``                  int8 dynamic quantization of the block linears, nothing removed
+``shortgpt+int8``         layer removal at the budget, then int8 (ShortGPT's orthogonality)
+========================= ====================================================================
+
+A run writes one JSON file per finished method into ``results_dir``; run it again with
+the same settings and finished methods are read back instead of recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .context import DOMAINS, context_plan, context_prune, context_statistics, domain_windows
+from .data import CORPORA, load_text, token_windows
+from .evaluate import perplexity
+from .layers import decoder_layers
+from .quantize import quantize_int8, serialized_bytes
+
+__all__ = ["DEFAULT_CORPORA", "METHODS", "compare", "prune_to_budget"]
+
+METHODS = {
+    "dense": "the unpruned model",
+    "shortgpt": "layers of lowest Block Influence removed (ShortGPT)",
+    "wanda": "Wanda, unstructured, per output row",
+    "wanda-2:4": "Wanda 2:4 in every block linear (50% of them, whatever the budget)",
+    "magnitude": "smallest |W| per output row",
+    "context": "Mini-GPT context pruning of MLP neurons, physically removed",
+    "shortgpt+wanda": "half the budget by layer removal, the rest by Wanda",
+    "int8": "int8 dynamic quantization of the block linears",
+    "shortgpt+int8": "layer removal at the budget, then int8 dynamic quantization",
+}
+
+DEFAULT_CORPORA = ("wikipedia", "fiction", "law", "medicine", "code")
+
+
+# ------------------------------------------------------------------------- counting
+
+
+def _unique_params(model: nn.Module) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _param_counts(model: nn.Module) -> tuple[int, int]:
+    """(parameters present, parameters that are not zero), tied ones once."""
+    params = _unique_params(model)
+    return (sum(p.numel() for p in params),
+            sum(int(torch.count_nonzero(p)) for p in params))
+
+
+def _block_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in decoder_layers(model)[0].parameters())
+
+
+# -------------------------------------------------------------------------- pruning
+
+
+def _layers_for(model, n_params: float) -> int:
+    n_layers = len(decoder_layers(model))
+    return max(0, min(n_layers - 1, round(n_params / _block_params(model))))
+
+
+def _shortgpt(model, windows, n_params, progress):
+    from .importance import layer_importance, layers_to_remove
+    from .removal import remove_layers
+
+    k = _layers_for(model, n_params)
+    if k == 0:
+        return model, {"layers_removed": []}
+    scores = layer_importance(model, windows, "bi", progress=progress)
+    removed = layers_to_remove(scores, k)
+    return (remove_layers(model, removed, scores=scores, metric="bi"),
+            {"layers_removed": removed})
+
+
+def _sparsity_for(model, n_params: float, method: str) -> float:
+    from .wanda import prunable_parameters
+
+    s = n_params / prunable_parameters(model)
+    if not 0 <= s < 1:
+        raise ValueError(f"{method} would need sparsity {s:.2f} in the block linears to remove "
+                         "that many parameters; use a smaller budget.")
+    return s
+
+
+def prune_to_budget(model: nn.Module, method: str, budget: float, *, windows=None,
+                    domain_data=None, progress: bool = True) -> tuple[nn.Module, dict]:
+    """A pruned copy of ``model`` with about ``budget`` of its parameters removed by
+    ``method`` (one of :data:`METHODS`), and a dict saying what was done.
+
+    ``windows`` (calibration tokens) are needed by ``shortgpt``, ``wanda`` and the
+    combinations; ``domain_data`` (the domain's token windows) by ``context``.
+    """
+    import copy
+
+    from .wanda import magnitude_prune, wanda_prune
+
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}. Choose from: {', '.join(METHODS)}.")
+    if not (0.0 <= budget < 1.0):
+        raise ValueError(f"budget is the fraction of parameters to remove, in [0, 1); got "
+                         f"{budget}.")
+    total = _param_counts(model)[0]
+    target = budget * total
+    info: dict = {}
+    if method in ("shortgpt", "wanda", "wanda-2:4", "shortgpt+wanda", "shortgpt+int8") \
+            and windows is None:
+        raise ValueError(f"{method} needs calibration windows: pass windows=token_windows(...).")
+    if method == "dense":
+        return copy.deepcopy(model), info
+    if method == "shortgpt":
+        return _shortgpt(model, windows, target, progress)
+    if method == "wanda":
+        s = _sparsity_for(model, target, method)
+        return wanda_prune(model, windows, s, progress=progress), {"sparsity_of_linears": s}
+    if method == "wanda-2:4":
+        return wanda_prune(model, windows, "2:4", progress=progress), {"sparsity_of_linears": 0.5}
+    if method == "magnitude":
+        s = _sparsity_for(model, target, method)
+        return magnitude_prune(model, s, progress=progress), {"sparsity_of_linears": s}
+    if method == "context":
+        if domain_data is None:
+            raise ValueError("context needs the domain's token windows: pass "
+                             "domain_data=domain_windows(tokenizer, 'law').")
+        stats = context_statistics(model, domain_data, progress=progress)
+        blocks = decoder_layers(model)
+        mlp = next(m for m in blocks[0].modules() if hasattr(m, "down_proj"))
+        width, hidden = mlp.down_proj.in_features, mlp.down_proj.out_features
+        per_neuron = 3 * hidden  # a gate row, an up row and a down column
+        neurons = min(width - 1, round(target / (len(blocks) * per_neuron)))
+        plan = context_plan(stats, fraction=neurons / width, linear=False, embeddings=False)
+        return (context_prune(model, plan, physical=True, progress=progress),
+                {"mlp_neurons_removed_per_layer": neurons})
+    if method == "shortgpt+wanda":
+        pruned, info = _shortgpt(model, windows, target / 2, progress)
+        rest = target - (total - _param_counts(pruned)[0])
+        s = _sparsity_for(pruned, max(0.0, rest), method)
+        info["sparsity_of_linears"] = s
+        return wanda_prune(pruned, windows, s, inplace=True, progress=progress), info
+    # int8 keeps every parameter: the counts are taken from the float model it came from
+    if method == "int8":
+        info["float_params"] = list(_param_counts(model))
+        return quantize_int8(model), info
+    pruned, info = _shortgpt(model, windows, target, progress)  # shortgpt+int8
+    info["float_params"] = list(_param_counts(pruned))
+    return quantize_int8(pruned, inplace=pruned is not model), info
+
+
+# -------------------------------------------------------------------------- measuring
+
+
+def _speed(model, seq_len: int, decode_tokens: int, repeats: int, seed: int) -> dict:
+    """Prefill latency and decode speed at batch 1, as ``evaluate.cost`` measures them
+    (warm-up, then the median of ``repeats``; a seeded random prompt), but for any model,
+    int8-quantized ones included."""
+    vocab = model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(seed)
+    device = model.get_input_embeddings().weight.device
+    prompt = torch.randint(0, vocab, (1, seq_len), generator=gen).to(device)
+
+    def once(n: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        out = model(prompt, use_cache=True, logits_to_keep=1)
+        t1 = time.perf_counter()
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(n):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return t1 - t0, n / (time.perf_counter() - t1)
+
+    with torch.inference_mode():
+        once(min(4, decode_tokens))
+        runs = [once(decode_tokens) for _ in range(repeats)]
+    return {"prefill_seconds": statistics.median(r[0] for r in runs),
+            "decode_tokens_per_s": statistics.median(r[1] for r in runs)}
+
+
+def _measure(model, tokenizer, ppl_windows: dict, tasks, settings, progress) -> dict:
+    from .evaluate import evaluate_suite
+
+    row: dict = {}
+    for corpus, windows in ppl_windows.items():
+        row[f"ppl_{corpus}"] = perplexity(model, windows, progress=False)["perplexity"]
+    if tasks:
+        suite = evaluate_suite(model, tokenizer, tasks, seed=settings["seed"], progress=False)
+        for _, r in suite.iterrows():
+            row[f"acc_{r['task']}"] = float(r["acc"])
+        row["acc_mean"] = float(suite["acc"].mean())
+    row["size_bytes"] = serialized_bytes(model)
+    row.update(_speed(model, settings["cost_seq_len"], settings["decode_tokens"],
+                      settings["repeats"], settings["seed"]))
+    return row
+
+
+def _save_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    os.replace(tmp, path)  # atomic: an interrupted write leaves the old file or none
+
+
+def compare(model: nn.Module, tokenizer, methods: Sequence[str] = tuple(METHODS),
+            budget: float = 0.25, *, tasks: Mapping[str, int | None] | None = None,
+            corpora: Sequence[str] = DEFAULT_CORPORA, calibration: str = "wikipedia",
+            domain: str = "law", calibration_windows: int = 32, seq_len: int = 512,
+            ppl_windows: int = 16, cost_seq_len: int = 128, decode_tokens: int = 16,
+            repeats: int = 3, seed: int = 0, results_dir=None,
+            progress: bool = True) -> pd.DataFrame:
+    """Prune copies of ``model`` with each of ``methods`` to remove ``budget`` of its
+    parameters, measure every copy the same way, one row per method.
+
+    Calibration uses ``calibration_windows`` windows of ``seq_len`` tokens from the
+    calibration half of ``calibration`` (``domain`` for ``context``); perplexity uses up
+    to ``ppl_windows`` windows of ``seq_len`` tokens from the evaluation half of each of
+    ``corpora``; ``tasks`` is passed to :func:`shortgpt_lite.evaluate.evaluate_suite`
+    (``None`` = its default suite, ``{}`` = no benchmarks). The input model is never
+    changed.
+
+    Columns: ``method``, ``description``, ``params_total`` (parameters present),
+    ``params_kept`` (present and non-zero), ``params_removed`` (fraction of the original
+    parameters removed or zeroed), ``sparsity`` (zeros among the parameters present),
+    ``ppl_<corpus>`` for each corpus, ``acc_<task>`` and ``acc_mean``, ``size_bytes``
+    (safetensors file; ``torch.save`` for int8), ``prefill_seconds`` (a
+    ``cost_seq_len``-token prompt at batch 1), ``decode_tokens_per_s``, ``prune_seconds``
+    and ``details`` (what the method did: layers removed, sparsity of the linears).
+
+    With ``results_dir``, each finished method is written to ``<results_dir>/<method>.json``
+    and read back on the next run with the same settings, so an interrupted run resumes.
+    """
+    from .evaluate import DEFAULT_SUITE
+
+    methods = list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown}. Choose from: {', '.join(METHODS)}.")
+    if not methods:
+        raise ValueError("No methods given; pass e.g. methods=['dense', 'shortgpt', 'wanda'].")
+    if not (0.0 <= budget < 1.0):
+        raise ValueError(f"budget is the fraction of parameters to remove, in [0, 1); got "
+                         f"{budget}.")
+    if "context" in methods and domain not in DOMAINS:
+        raise ValueError(f"Unknown domain {domain!r} for context pruning; use one of: "
+                         f"{', '.join(DOMAINS)}.")
+    bad = [c for c in corpora if c not in CORPORA]
+    if bad:
+        raise ValueError(f"Unknown corpus {bad[0]!r} in corpora; choose from: "
+                         f"{', '.join(CORPORA)}.")
+    tasks = dict(DEFAULT_SUITE if tasks is None else tasks)
+    settings = {"budget": budget, "tasks": tasks, "corpora": list(corpora),
+                "calibration": calibration, "domain": domain,
+                "calibration_windows": calibration_windows, "seq_len": seq_len,
+                "ppl_windows": ppl_windows, "cost_seq_len": cost_seq_len,
+                "decode_tokens": decode_tokens, "repeats": repeats, "seed": seed,
+                "model": getattr(model.config, "_name_or_path", type(model).__name__),
+                "model_params": _param_counts(model)[0]}
+    folder = None if results_dir is None else Path(results_dir)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+
+    cache: dict = {}
+
+    def data(name: str):  # tokenised once, and only when a method needs it
+        if name not in cache:
+            if name == "calibration":
+                cache[name] = token_windows(tokenizer, load_text(calibration, "calibration"),
+                                            seq_len, calibration_windows)
+            elif name == "domain":
+                cache[name] = domain_windows(tokenizer, domain, seq_len, calibration_windows)
+            else:
+                cache[name] = {c: token_windows(tokenizer, load_text(c, "evaluation"), seq_len,
+                                                ppl_windows) for c in corpora}
+        return cache[name]
+
+    total = settings["model_params"]
+    rows = []
+    bar = tqdm(methods, desc="compare", disable=not progress)
+    for method in bar:
+        bar.set_postfix_str(method)
+        path = None if folder is None else folder / f"{method.replace(':', '-')}.json"
+        if path is not None and path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("settings") == json.loads(json.dumps(settings)):
+                rows.append(saved["row"])
+                continue
+        t0 = time.perf_counter()
+        needs_windows = method in ("shortgpt", "wanda", "wanda-2:4", "shortgpt+wanda",
+                                   "shortgpt+int8")
+        pruned, info = prune_to_budget(
+            model, method, budget, progress=False,
+            windows=data("calibration") if needs_windows else None,
+            domain_data=data("domain") if method == "context" else None)
+        prune_seconds = time.perf_counter() - t0
+        present, kept = info.pop("float_params", None) or _param_counts(pruned)
+        pruned.eval()
+        row = {"method": method, "description": METHODS[method], "params_total": present,
+               "params_kept": kept, "params_removed": 1 - kept / total,
+               "sparsity": 1 - kept / present if present else math.nan}
+        row.update(_measure(pruned, tokenizer, data("perplexity"), tasks, settings, progress))
+        row["prune_seconds"] = prune_seconds
+        row["details"] = json.dumps(info)
+        del pruned
+        if path is not None:
+            _save_json(path, {"settings": settings, "row": row})
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,201 @@
+"""Tests for shortgpt_lite.compare and shortgpt_lite.quantize: every method on one budget,
+resuming an interrupted run, int8 quantization, and the errors a user can cause."""
+
+import math
+import sys
+import warnings
+
+import pytest
+import torch
+
+from shortgpt_lite.compare import METHODS, compare, prune_to_budget
+from shortgpt_lite.quantize import is_quantized, quantize_int8, serialized_bytes
+from shortgpt_lite.wanda import prunable_parameters
+
+# the module, not the function that shortgpt_lite re-exports under the same name
+cmp = sys.modules["shortgpt_lite.compare"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Run on one CPU thread. On a shared 2-core machine under load, two OpenMP threads
+    wait for each other at every operation: a tiny model's forward pass measured 1.4 s
+    with two threads and 5 ms with one. Correctness does not depend on the count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _byte_tokenizer():
+    """A byte-level tokenizer with no merges: one token per byte, plus EOS (257 ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def _tiny_llama(layers=12, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+SMALL = {"tasks": {"piqa": 2}, "corpora": ("wikipedia",), "calibration_windows": 2,
+         "seq_len": 32, "ppl_windows": 2, "cost_seq_len": 8, "decode_tokens": 2, "repeats": 1,
+         "progress": False}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny_llama(), _byte_tokenizer()
+
+
+# ------------------------------------------------------------------------------ int8
+
+
+def test_int8_quantization_is_close_smaller_and_silent():
+    model = _tiny_llama(layers=2)
+    ids = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantized = quantize_int8(model)
+    assert not [w for w in caught if "deprecat" in str(w.message).lower()]
+    assert is_quantized(quantized) and not is_quantized(model)
+    assert type(quantized.lm_head).__name__ == "Linear"  # tied to the embedding: kept fp32
+    with torch.no_grad():
+        a, b = model(ids).logits, quantized(ids).logits
+    assert torch.allclose(a, b, atol=0.05 * a.abs().max())
+    assert serialized_bytes(quantized) < serialized_bytes(model)
+    with pytest.raises(ValueError, match="fp32"):
+        quantize_int8(model.to(torch.bfloat16))
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def test_every_method_meets_the_budget_as_closely_as_its_granularity_allows(tiny):
+    model, tokenizer = tiny
+    df = compare(model, tokenizer, budget=0.25, **SMALL)
+    assert list(df["method"]) == list(METHODS)
+    for column in ("params_total", "params_kept", "params_removed", "sparsity", "ppl_wikipedia",
+                   "acc_piqa", "acc_mean", "size_bytes", "prefill_seconds",
+                   "decode_tokens_per_s", "prune_seconds", "details"):
+        assert column in df.columns, column
+    rows = df.set_index("method")
+    total = sum(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    neuron_row = 3 * 32 * 12  # one MLP neuron in every layer
+    tolerance = {"shortgpt": layer / 2 / total, "shortgpt+int8": layer / 2 / total,
+                 "wanda": 0.01, "magnitude": 0.01, "shortgpt+wanda": 0.01,
+                 "context": neuron_row / 2 / total}
+    for method, tol in tolerance.items():
+        assert abs(rows.loc[method, "params_removed"] - 0.25) <= tol + 1e-9, method
+    assert rows.loc["dense", "params_removed"] == 0
+    assert rows.loc["int8", "params_removed"] == 0
+    half = 0.5 * prunable_parameters(model) / total  # 2:4 ignores the budget
+    assert rows.loc["wanda-2:4", "params_removed"] == pytest.approx(half)
+    # zeros count as removed, but stay present; removed layers and neurons are gone
+    assert rows.loc["wanda", "params_total"] == total
+    assert rows.loc["shortgpt", "params_total"] < total
+    assert rows.loc["context", "params_total"] < total
+    assert rows.loc["shortgpt+int8", "size_bytes"] < rows.loc["shortgpt", "size_bytes"]
+    assert rows.loc["int8", "size_bytes"] < rows.loc["dense", "size_bytes"]
+    assert all(math.isfinite(v) for v in df["ppl_wikipedia"])
+    assert (df["decode_tokens_per_s"] > 0).all()
+    # the input model is untouched
+    assert len(model.model.layers) == 12
+    assert not (model.model.layers[0].mlp.up_proj.weight == 0).any()
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def test_an_interrupted_run_resumes_without_redoing_finished_methods(tiny, tmp_path,
+                                                                     monkeypatch):
+    model, tokenizer = tiny
+    methods = ["dense", "magnitude", "shortgpt", "wanda"]
+    real_measure = cmp._measure
+    measured = []
+
+    def measure(pruned, *args):
+        if len(measured) == 2:
+            raise KeyboardInterrupt
+        measured.append(pruned)
+        return real_measure(pruned, *args)
+
+    monkeypatch.setattr(cmp, "_measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        compare(model, tokenizer, methods, results_dir=tmp_path, **SMALL)
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["dense.json", "magnitude.json"]
+
+    pruned_again = []
+    real_prune = cmp.prune_to_budget
+
+    def prune(model, method, *args, **kwargs):
+        pruned_again.append(method)
+        return real_prune(model, method, *args, **kwargs)
+
+    monkeypatch.setattr(cmp, "_measure", real_measure)
+    monkeypatch.setattr(cmp, "prune_to_budget", prune)
+    first = compare(model, tokenizer, methods, results_dir=tmp_path, **SMALL)
+    assert pruned_again == ["shortgpt", "wanda"]
+    assert list(first["method"]) == methods
+
+    pruned_again.clear()
+    second = compare(model, tokenizer, methods, results_dir=tmp_path, **SMALL)
+    assert pruned_again == []
+    assert second.equals(first)
+    # other settings: the saved rows do not apply and are recomputed
+    compare(model, tokenizer, ["dense"], budget=0.2, results_dir=tmp_path, **SMALL)
+    assert pruned_again == ["dense"]
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_refused(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="Unknown method"):
+        compare(model, tokenizer, ["dense", "sparsegpt"], **SMALL)
+    with pytest.raises(ValueError, match="No methods"):
+        compare(model, tokenizer, [], **SMALL)
+    for budget in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="budget"):
+            compare(model, tokenizer, ["dense"], budget=budget, **SMALL)
+    windows = torch.randint(0, 257, (2, 16))
+    with pytest.raises(ValueError, match="smaller budget"):
+        prune_to_budget(model, "wanda", 0.95, windows=windows, progress=False)
+    with pytest.raises(ValueError, match="calibration windows"):
+        prune_to_budget(model, "wanda", 0.25, progress=False)
+    with pytest.raises(ValueError, match="domain"):
+        prune_to_budget(model, "context", 0.25, progress=False)
+    with pytest.raises(ValueError, match="Unknown domain"):
+        compare(model, tokenizer, ["context"], domain="astrology", **SMALL)
+    with pytest.raises(ValueError, match="Unknown corpus"):
+        compare(model, tokenizer, ["dense"], **{**SMALL, "corpora": ("poetry",)})
+
+
+# ------------------------------------------------------------------------ the real model
+
+
+@pytest.mark.slow
+def test_compare_on_smollm2(smollm2):
+    model, tokenizer = smollm2
+    df = compare(model, tokenizer, ["shortgpt", "wanda", "context", "shortgpt+int8"],
+                 budget=0.25, tasks={}, corpora=("wikipedia",), calibration_windows=4,
+                 seq_len=128, ppl_windows=2, cost_seq_len=32, decode_tokens=4, repeats=1,
+                 progress=False).set_index("method")
+    for method in ("shortgpt", "wanda", "context", "shortgpt+int8"):
+        assert abs(df.loc[method, "params_removed"] - 0.25) < 0.015, method
+    assert df.loc["shortgpt+int8", "size_bytes"] < 0.5 * df.loc["shortgpt", "size_bytes"]
+    assert df["ppl_wikipedia"].map(math.isfinite).all()
+    assert model.config.num_hidden_layers == 30
