@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: install install-gemma test test-fast lint book book-clean clean
+.PHONY: install install-gemma test test-fast lint book book-clean clean sweep
 
 install: $(STAMP)
 
@@ -41,11 +41,23 @@ test: install
 	$(BIN)/python -m pytest --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks
 
 test-fast: install
-	$(BIN)/python -m pytest tests -m "not slow"
+	$(BIN)/python -m pytest tests -m "not slow and not book"
 
 book: install
 	$(BIN)/jupyter-book build . -W -n --keep-going
-	@test -f _build/html/index.html && echo "Book: _build/html/index.html"
+	$(BIN)/python -m pytest -q -m book tests/test_rendered_book.py
+	@echo "Book: _build/html/index.html"
+
+# Rerun every chapter with papermill for each model; executed copies go to runs/<model>/.
+SWEEP_MODELS ?= smollm2-135m gemma3-270m
+sweep: install
+	@for m in $(SWEEP_MODELS); do \
+	  out="runs/$$(echo $$m | tr '/' '_')"; mkdir -p "$$out"; \
+	  for nb in notebooks/[0-9]*.ipynb; do \
+	    echo "== $$m: $$nb"; \
+	    $(BIN)/papermill "$$nb" "$$out/$$(basename $$nb)" -p model "$$m" --cwd notebooks || exit 1; \
+	  done; \
+	done
 
 book-clean:
 	rm -rf _build

@@ -69,7 +69,7 @@ def test_a_raising_notebook_fails_the_build(tmp_path):
 def test_first_chapter_reruns_under_papermill_with_gemma(tmp_path):
     out = tmp_path / "out.ipynb"
     subprocess.run([str(BIN / "papermill"), str(ROOT / "notebooks/00_first_look.ipynb"),
-                    str(out), "-p", "model_name", "gemma3-270m", "-p", "max_new_tokens", "4",
+                    str(out), "-p", "model", "gemma3-270m", "-p", "max_new_tokens", "4",
                     "--cwd", str(ROOT / "notebooks"), "--no-progress-bar"],
                    check=True, capture_output=True, text=True)
     text = json.dumps(json.loads(out.read_text())["cells"])
