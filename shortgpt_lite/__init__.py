@@ -67,4 +67,7 @@ from .wanda import (
     wanda_scores,
 )
 
+# Figures
+from .plots import book_style
+
 __version__ = "0.1.0"
