@@ -45,7 +45,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .context import DOMAINS, context_plan, context_prune, context_statistics, domain_windows
+from .context import (
+    DOMAINS,
+    _gated_mlp,
+    context_plan,
+    context_prune,
+    context_statistics,
+    domain_windows,
+)
 from .data import CORPORA, load_text, token_windows
 from .evaluate import perplexity
 from .layers import decoder_layers
@@ -163,7 +170,10 @@ def prune_to_budget(model: nn.Module, method: str, budget: float, *, windows=Non
                              "domain_data=domain_windows(tokenizer, 'law').")
         stats = context_statistics(model, domain_data, progress=progress)
         blocks = decoder_layers(model)
-        mlp = next(m for m in blocks[0].modules() if hasattr(m, "down_proj"))
+        mlp = _gated_mlp(blocks[0])
+        if mlp is None:
+            raise LookupError("context pruning removes MLP neurons: it needs blocks with a gated "
+                              "MLP (gate_proj, up_proj, down_proj), as in Llama-family models.")
         width, hidden = mlp.down_proj.in_features, mlp.down_proj.out_features
         per_neuron = 3 * hidden  # a gate row, an up row and a down column
         neurons = min(width - 1, round(target / (len(blocks) * per_neuron)))
@@ -197,14 +207,21 @@ def _speed(model, seq_len: int, decode_tokens: int, repeats: int, seed: int) -> 
     device = model.get_input_embeddings().weight.device
     prompt = torch.randint(0, vocab, (1, seq_len), generator=gen).to(device)
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def once(n: int) -> tuple[float, float]:
+        sync()
         t0 = time.perf_counter()
         out = model(prompt, use_cache=True, logits_to_keep=1)
+        sync()
         t1 = time.perf_counter()
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         for _ in range(n):
             out = model(token, past_key_values=past, use_cache=True)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        sync()
         return t1 - t0, n / (time.perf_counter() - t1)
 
     with torch.inference_mode():
