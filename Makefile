@@ -37,6 +37,7 @@ lint: install
 	$(BIN)/ruff check shortgpt_lite tests
 
 test: install
+	$(BIN)/ruff check shortgpt_lite tests
 	$(BIN)/python -m pytest tests
 	$(BIN)/python -m pytest --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks
 

