@@ -25,7 +25,7 @@ from .hooks import (
 )
 from .importance import METRICS, layer_importance, layers_to_remove, skip_layer
 from .layers import decoder_layers
-from .removal import remove_layers
+from .removal import removal_curve, remove_layers
 
 # Evaluation and cost
 from .evaluate import (
