@@ -68,6 +68,12 @@ from .wanda import (
 )
 
 # Figures
-from .plots import book_style
+from .plots import (
+    adjacent_similarity,
+    angular_distance_heatmap,
+    bi_profile,
+    book_style,
+    similarity_heatmap,
+)
 
 __version__ = "0.1.0"
