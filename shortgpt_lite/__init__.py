@@ -73,7 +73,9 @@ from .plots import (
     angular_distance_heatmap,
     bi_profile,
     book_style,
+    removal_curves,
     similarity_heatmap,
+    speedup_plot,
 )
 
 __version__ = "0.1.0"

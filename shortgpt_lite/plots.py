@@ -13,7 +13,7 @@ import numpy as np
 import seaborn as sns
 
 __all__ = ["adjacent_similarity", "angular_distance_heatmap", "bi_profile", "book_style",
-           "similarity_heatmap"]
+           "similarity_heatmap", "removal_curves", "speedup_plot"]
 
 
 def book_style() -> None:
@@ -123,4 +123,88 @@ def angular_distance_heatmap(distances, title: str = "Angular distance of n-laye
     ax.set_title(title)
     ax.set_xlabel("first layer of the block ℓ")
     ax.set_ylabel("block size n (layers)")
+    return ax
+
+
+_CURVE_LABELS = {"ppl": "perplexity (lower is better)", "acc": "accuracy (share of items)",
+                 "acc_norm": "acc_norm (share of items)"}
+
+
+def removal_curves(df, y: str = "ppl", title: str | None = None, *, hue: str = "metric",
+                   ax=None, logy: bool | None = None, band: bool = True):
+    """``y`` against the number of removed layers ``k``, one line per ``hue`` value, from the
+    DataFrame of :func:`shortgpt_lite.removal.removal_curve` (several concatenated).
+
+    With ``band`` the interval columns ``{y}_ci_low`` .. ``{y}_ci_high`` are shaded: the
+    Wilson interval for accuracies, the bootstrap over windows for perplexity. A dashed
+    line marks chance for accuracies (column ``chance``). Perplexity goes on a log axis
+    by default, since removing the wrong layer multiplies it.
+    """
+    if y not in df.columns:
+        raise ValueError(f"The frame has no column {y!r}; it has {', '.join(map(str, df.columns))}.")
+    ax = _axes(ax, (8, 4.8))
+    groups = list(dict.fromkeys(df[hue])) if hue in df.columns else [None]
+    palette = sns.color_palette("colorblind", max(len(groups), 1))
+    markers = "osD^vP*Xph"
+    for i, name in enumerate(groups):
+        part = df if name is None else df[df[hue] == name]
+        part = part.sort_values("k")
+        ax.plot(part["k"], part[y], marker=markers[i % len(markers)], color=palette[i],
+                label=str(name), linewidth=1.8, markersize=5)
+        low, high = f"{y}_ci_low", f"{y}_ci_high"
+        if band and low in part.columns and high in part.columns:
+            ax.fill_between(part["k"], part[low], part[high], color=palette[i], alpha=0.12,
+                            linewidth=0)
+    if y.startswith("acc") and "chance" in df.columns:
+        ax.axhline(float(df["chance"].mean()), color="gray", linestyle="--", linewidth=1,
+                   label="chance")
+    if logy if logy is not None else y == "ppl":
+        ax.set_yscale("log")
+    label = _CURVE_LABELS.get(y, y)
+    if y == "ppl" and "seq_len" in df.columns:
+        label = f"perplexity at {int(df['seq_len'].iloc[0])} tokens (log scale)"
+    ax.set_ylabel(label)
+    ax.set_xlabel("decoder layers removed, k")
+    ax.set_xticks(sorted(set(int(k) for k in df["k"])))
+    ax.set_title(title or f"{_CURVE_LABELS.get(y, y).split(' (')[0].capitalize()} "
+                          "as layers are removed")
+    ax.legend(title=hue if hue in df.columns else None, fontsize="small", ncol=2)
+    return ax
+
+
+def speedup_plot(df, num_layers: int, title: str = "Measured speed-up against the ideal", *,
+                 ax=None):
+    """Measured ratios against the ideal ``L / (L - k)``.
+
+    ``df`` has one row per ``k`` (column ``k``, one row with ``k = 0``) and the columns of
+    :func:`shortgpt_lite.evaluate.cost`: ``prefill_seconds``, ``decode_tokens_per_s``,
+    ``peak_memory_bytes``. Plotted relative to ``k = 0``: prefill speed-up
+    ``t_0 / t_k``, decode speed-up ``r_k / r_0`` and memory reduction ``m_0 / m_k``.
+    Only the decoder blocks shrink, so the embedding and head keep every ratio below the
+    ideal line.
+    """
+    import numpy as np
+
+    d = df.sort_values("k")
+    base = d[d["k"] == 0]
+    if base.empty:
+        raise ValueError("speedup_plot needs a row with k = 0 (the unpruned model) as reference.")
+    base = base.iloc[0]
+    k = d["k"].to_numpy(dtype=float)
+    ax = _axes(ax, (8, 4.5))
+    palette = sns.color_palette("colorblind", 4)
+    ks = np.linspace(0, k.max(), 50)
+    ax.plot(ks, num_layers / (num_layers - ks), color="gray", linestyle="--",
+            label=f"ideal L/(L−k), L = {num_layers}")
+    series = [("prefill speed-up", base["prefill_seconds"] / d["prefill_seconds"], "o"),
+              ("decode speed-up", d["decode_tokens_per_s"] / base["decode_tokens_per_s"], "s"),
+              ("peak-memory reduction", base["peak_memory_bytes"] / d["peak_memory_bytes"], "D")]
+    for i, (label, ratio, marker) in enumerate(series):
+        ax.plot(k, ratio, marker=marker, color=palette[i], label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("decoder layers removed, k")
+    ax.set_ylabel("ratio to the unpruned model (×)")
+    ax.set_xticks(sorted(set(int(x) for x in k)))
+    ax.set_title(title)
+    ax.legend(fontsize="small")
     return ax
