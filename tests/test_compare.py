@@ -11,20 +11,15 @@ import torch
 from shortgpt_lite.compare import METHODS, compare, prune_to_budget
 from shortgpt_lite.quantize import is_quantized, quantize_int8, serialized_bytes
 from shortgpt_lite.wanda import prunable_parameters
+from tiny import tiny_llama
 
 # the module, not the function that shortgpt_lite re-exports under the same name
 cmp = sys.modules["shortgpt_lite.compare"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run on one CPU thread. On a shared 2-core machine under load, two OpenMP threads
-    wait for each other at every operation: a tiny model's forward pass measured 1.4 s
-    with two threads and 5 ms with one. Correctness does not depend on the count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _byte_tokenizer():
@@ -40,13 +35,7 @@ def _byte_tokenizer():
 
 
 def _tiny_llama(layers=12, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size=257, layers=layers, tie=True, seed=seed)
 
 
 SMALL = {"tasks": {"piqa": 2}, "corpora": ("wikipedia",), "calibration_windows": 2,

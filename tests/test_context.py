@@ -16,28 +16,14 @@ from shortgpt_lite.context import (
     normalised_l1,
     shrink_vocabulary,
 )
+from tiny import tiny_llama
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run on one CPU thread. On a shared 2-core machine under load, two OpenMP threads
-    wait for each other at every operation: a tiny model's forward pass measured 1.4 s
-    with two threads and 5 ms with one. Correctness does not depend on the count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_llama(layers=3, seed=0, tie=True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=tie,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size=120, layers=layers, max_positions=64, tie=tie, seed=seed,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def _windows(n=4, seq_len=16, high=80, seed=1):

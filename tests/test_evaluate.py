@@ -14,6 +14,7 @@ import torch
 
 from shortgpt_lite import evaluate as ev
 from shortgpt_lite.data import Item, load_benchmark, token_windows
+from tiny import tiny_llama
 
 # ------------------------------------------------------------------------------ fixtures
 
@@ -31,13 +32,7 @@ def _byte_tokenizer():
 
 
 def _tiny_llama(vocab_size=257, seed=0, max_positions=128):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=max_positions, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(vocab_size=vocab_size, layers=2, max_positions=max_positions, seed=seed)
     # A larger spread than the default init, so scores differ clearly between tokens.
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 1.0)

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_layers import ARCHITECTURES, VOCAB, tiny_model
 
 from shortgpt_lite import (
     angular_distance,
@@ -16,6 +15,7 @@ from shortgpt_lite import (
     layer_statistics,
 )
 from shortgpt_lite.hooks import iter_batches
+from tiny import ARCHITECTURES, VOCAB, tiny_model
 
 
 def _windows(n=3, length=12, seed=1):

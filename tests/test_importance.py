@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_layers import VOCAB, tiny_model
 
 from shortgpt_lite import (
     METRICS,
@@ -19,6 +18,7 @@ from shortgpt_lite import (
     skip_layer,
 )
 from shortgpt_lite.hooks import layer_statistics
+from tiny import VOCAB, tiny_model
 
 
 def _windows(n=4, length=16, seed=2):

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 import transformers as T
-from test_layers import ARCHITECTURES, VOCAB, tiny_model
 
 from shortgpt_lite import decoder_layers, remove_layers
 from shortgpt_lite.removal import RECORD_KEY
+from tiny import ARCHITECTURES, VOCAB, tiny_model
 
 
 def _ids(n=2, length=12, seed=3):
@@ -105,9 +105,9 @@ def test_generation_with_cache_equals_without_and_equals_hand_written_forward():
 
 
 def test_multimodal_gemma3_keeps_its_text_config_in_step():
-    from test_layers import _config
+    from tiny import tiny_config
 
-    text = _config("gemma3", 6)
+    text = tiny_config("gemma3", 6)
     vision = T.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                   num_attention_heads=2, image_size=16, patch_size=8)
     torch.manual_seed(0)

@@ -15,27 +15,14 @@ from shortgpt_lite.wanda import (
     wanda_prune,
     wanda_scores,
 )
+from tiny import tiny_llama
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run on one CPU thread. On a shared 2-core machine under load, two OpenMP threads
-    wait for each other at every operation: a tiny model's forward pass measured 1.4 s
-    with two threads and 5 ms with one. Correctness does not depend on the count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_llama(hidden=128, intermediate=256, layers=3, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=200, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size=200, hidden=hidden, intermediate=intermediate, layers=layers,
+                      max_positions=128, seed=seed)
 
 
 def _windows(n=6, seq_len=16, seed=1):
