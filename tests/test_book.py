@@ -14,8 +14,9 @@ BIN = Path(sys.executable).parent
 
 
 def _notebook(cells):
-    return {"cells": [{"cell_type": "code", "metadata": {}, "execution_count": None,
-                       "outputs": [], "source": src} for src in cells],
+    title = {"cell_type": "markdown", "metadata": {}, "source": "# A chapter"}
+    return {"cells": [title] + [{"cell_type": "code", "metadata": {}, "execution_count": None,
+                                 "outputs": [], "source": src} for src in cells],
             "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
                                         "language": "python"}},
             "nbformat": 4, "nbformat_minor": 5}
@@ -52,17 +53,26 @@ def test_committed_notebooks_carry_outputs_and_parameters():
         assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
 
 
+def _build(book: Path, cells) -> subprocess.CompletedProcess:
+    """Build a one-chapter book with the project's own _config.yml."""
+    book.mkdir()
+    shutil.copy(ROOT / "_config.yml", book / "_config.yml")
+    (book / "book").mkdir(exist_ok=True)
+    shutil.copy(ROOT / "book" / "references.bib", book / "book" / "references.bib")
+    (book / "intro.md").write_text("# Intro\n")
+    (book / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: chapter\n")
+    (book / "chapter.ipynb").write_text(json.dumps(_notebook(cells)))
+    return subprocess.run([str(BIN / "jupyter-book"), "build", str(book), "-W", "-n"],
+                          capture_output=True, text=True)
+
+
 @pytest.mark.slow
 def test_a_raising_notebook_fails_the_build(tmp_path):
-    shutil.copy(ROOT / "_config.yml", tmp_path / "_config.yml")
-    (tmp_path / "intro.md").write_text("# Intro\n")
-    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: bad\n")
-    (tmp_path / "bad.ipynb").write_text(json.dumps(_notebook(
-        ["print('before')", "raise RuntimeError('this chapter is broken')"])))
-    done = subprocess.run([str(BIN / "jupyter-book"), "build", str(tmp_path), "-W", "-n"],
-                          capture_output=True, text=True)
-    assert done.returncode != 0
-    assert "bad.ipynb" in done.stdout + done.stderr
+    good = _build(tmp_path / "good", ["print('fine')"])
+    assert good.returncode == 0, good.stdout[-2000:] + good.stderr[-2000:]
+    bad = _build(tmp_path / "bad", ["print('before')", "raise RuntimeError('chapter broken')"])
+    assert bad.returncode != 0
+    assert "chapter broken" in bad.stdout + bad.stderr
 
 
 @pytest.mark.slow
