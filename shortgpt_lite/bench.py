@@ -7,8 +7,11 @@ that can be pasted into the README together with the machine it ran on.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
-import time
+import statistics
+import subprocess
+import sys
 
 import torch
 
@@ -25,28 +28,50 @@ def benchmark(name: str, help: str):
     return register
 
 
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     """One line naming the machine, for the README next to the figures."""
-    cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
+    return (f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"{gpu}, torch {torch.__version__}, Python {platform.python_version()}")
 
 
-@benchmark("load", "time load_model with a warm cache (the README's load time)")
+_LOAD_SNIPPET = """
+import time, sys
+t0 = time.perf_counter()
+from shortgpt_lite import load_model
+t1 = time.perf_counter()
+load_model(sys.argv[1], device=sys.argv[2])
+t2 = time.perf_counter()
+print(t1 - t0, t2 - t1)
+"""
+
+
+@benchmark("load", "time load_model from a warm cache, each load in a fresh process")
 def bench_load(args) -> None:
     from .models import load_model
 
-    load_model(args.model)  # builds the cache if it is missing
-    times = []
+    load_model(args.model, device=args.device)  # builds the cache if it is missing
+    imports, loads = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        load_model(args.model)
-        times.append(time.perf_counter() - t0)
-    times.sort()
+        out = subprocess.run([sys.executable, "-c", _LOAD_SNIPPET, args.model, args.device],
+                             check=True, capture_output=True, text=True).stdout.split()
+        imports.append(float(out[-2]))
+        loads.append(float(out[-1]))
     print(f"machine: {machine()}")
-    print(f"load_model({args.model!r}) with a warm cache: median {times[len(times) // 2]:.2f} s "
-          f"(min {times[0]:.2f} s, max {times[-1]:.2f} s, {args.repeats} loads)")
+    print(f"load_model({args.model!r}), warm cache, fresh process, {args.repeats} runs:")
+    print(f"  load_model call       median {statistics.median(loads):.2f} s "
+          f"(min {min(loads):.2f}, max {max(loads):.2f})")
+    print(f"  + import shortgpt_lite median {statistics.median(imports):.2f} s")
 
 
 # Block Influence benchmarks
