@@ -12,6 +12,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -268,8 +269,6 @@ def _bi_memory_cuda(model, windows, batch_size: int, device) -> dict:
 @benchmark("bi", "Block Influence vs a plain forward vs output_hidden_states + N x N cosines")
 def bench_bi(args) -> None:
     import os
-    import time
-
     settings = {"model": args.model, "device": args.device, "dtype": args.dtype,
                 "shapes": args.shapes, "tokens": args.tokens or 4096, "seq_len": args.seq_len,
                 "batch_size": args.batch_size or 4, "threads": torch.get_num_threads()}
@@ -333,8 +332,6 @@ _EVAL_MIX = {"piqa": 16, "hellaswag": 8, "arc_easy": 8, "boolq": 4, "mmlu": 4}
 
 
 def _timed(f, device) -> float:
-    import time
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -460,7 +457,6 @@ def _wanda_passes(model, windows, batch_size: int) -> None:
 def bench_wanda(args) -> None:
     import copy
     import statistics
-    import time
 
     from .data import load_text, token_windows
     from .models import load_model
