@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import load_text, token_windows
+from .data import check_windows, load_text, token_windows
 from .layers import decoder_layers, unwrap_model
 
 __all__ = [
@@ -122,13 +122,7 @@ def context_statistics(model: nn.Module, windows: torch.Tensor, *, domain: str |
     MLP activation neuron, summed in fp32, and a count of every token id. The
     pass stops after the last decoder block: the LM head is not needed.
     """
-    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 \
-            or windows.dtype.is_floating_point:
-        raise ValueError("Calibration data must be a LongTensor of token windows [n, seq_len]; "
-                         "build it with domain_windows(tokenizer, 'law').")
-    if windows.numel() == 0:
-        raise ValueError(f"The calibration data is empty (shape {tuple(windows.shape)}); pass at "
-                         "least one window of tokens.")
+    check_windows(windows, "domain_windows(tokenizer, 'law')")
     if domain is not None and domain not in DOMAINS:
         raise ValueError(f"Unknown domain {domain!r}; use one of: {', '.join(DOMAINS)}.")
     inner = unwrap_model(model)

@@ -34,6 +34,7 @@ __all__ = [
     "BENCHMARKS",
     "CORPORA",
     "Item",
+    "check_windows",
     "corpus_documents",
     "load_benchmark",
     "load_text",
@@ -246,6 +247,18 @@ def token_windows(tokenizer, text: str, seq_len: int = 512,
     if bos is not None:
         windows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), windows], dim=1)
     return windows
+
+
+def check_windows(windows, build_hint: str) -> None:
+    """Raise a ``ValueError`` unless ``windows`` is a non-empty LongTensor ``[n, seq_len]``
+    of calibration tokens; ``build_hint`` tells the reader how to make one."""
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 \
+            or windows.dtype.is_floating_point:
+        raise ValueError("Calibration data must be a LongTensor of token windows [n, seq_len]; "
+                         f"build it with {build_hint}.")
+    if windows.numel() == 0:
+        raise ValueError(f"The calibration data is empty (shape {tuple(windows.shape)}); pass at "
+                         f"least one window of tokens, e.g. {build_hint}.")
 
 
 def _adds_bos(tokenizer) -> bool:

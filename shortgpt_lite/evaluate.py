@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Item, _adds_bos, load_benchmark, load_text, token_windows
+from .hooks import input_device
 
 __all__ = [
     "DEFAULT_SUITE",
@@ -74,10 +75,6 @@ _Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _input_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
 
 
 def _vocab_rows(model) -> int:
@@ -194,7 +191,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int | None = None,
                          "another model's tokenizer. Use the tokenizer that load_model returned "
                          "with this model.")
     batch_size = batch_size or _default_ppl_batch(model, seq_len)
-    device = _input_device(model)
+    device = input_device(model)
     nll_sum = 0.0
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -337,7 +334,7 @@ def _loglikelihoods(model, tokenizer, requests, batch_size, progress):
     if len(requests) == 0:
         raise ValueError("No requests to score; pass at least one (context, continuation) pair.")
     _check_tokenizer(model, tokenizer)
-    device = _input_device(model)
+    device = input_device(model)
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     batches = _plan_batches(model, tokenizer, requests, batch_size)
     with torch.inference_mode():
@@ -527,7 +524,7 @@ def generation_samples(model, tokenizer, prompts: Sequence[str] = GENERATION_PRO
     if len(prompts) == 0:
         raise ValueError("No prompts given; pass a list of strings or use GENERATION_PROMPTS.")
     _check_tokenizer(model, tokenizer)
-    device = _input_device(model)
+    device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = []
     with torch.inference_mode():
@@ -622,7 +619,7 @@ def _cost_one(model, seq_len: int, decode_tokens: int, repeats: int, seed: int) 
                          f"than the model's {max_pos} positions; use a shorter seq_len.")
     if repeats < 1 or decode_tokens < 1:
         raise ValueError("repeats and decode_tokens must be at least 1.")
-    device = _input_device(model)
+    device = input_device(model)
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
     nonzero = sum(int(torch.count_nonzero(p)) for p in params)

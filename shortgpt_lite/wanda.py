@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import check_windows
 from .layers import decoder_layers, unwrap_model
 
 __all__ = [
@@ -86,13 +87,7 @@ def _check_windows(windows, max_seq_len: int) -> torch.Tensor:
     Longer windows are cut into pieces of ``max_seq_len`` tokens (the tail is dropped):
     Wanda needs token statistics, not long contexts, and memory grows with the length.
     """
-    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 \
-            or windows.dtype.is_floating_point:
-        raise ValueError("Calibration data must be a LongTensor of token windows [n, seq_len]; "
-                         "build it with token_windows(tokenizer, load_text('wikipedia'), 512, 64).")
-    if windows.numel() == 0:
-        raise ValueError(f"The calibration data is empty (shape {tuple(windows.shape)}); pass at "
-                         "least one window of tokens, e.g. token_windows(tokenizer, text, 512, 64).")
+    check_windows(windows, "token_windows(tokenizer, load_text('wikipedia'), 512, 64)")
     if not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}.")
     n, seq_len = windows.shape
