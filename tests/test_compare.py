@@ -11,7 +11,7 @@ import torch
 from shortgpt_lite.compare import METHODS, compare, prune_to_budget
 from shortgpt_lite.quantize import is_quantized, quantize_int8, serialized_bytes
 from shortgpt_lite.wanda import prunable_parameters
-from tiny import tiny_llama
+from tiny import byte_tokenizer, tiny_llama
 
 # the module, not the function that shortgpt_lite re-exports under the same name
 cmp = sys.modules["shortgpt_lite.compare"]
@@ -20,18 +20,6 @@ cmp = sys.modules["shortgpt_lite.compare"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _byte_tokenizer():
-    """A byte-level tokenizer with no merges: one token per byte, plus EOS (257 ids)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
 
 def _tiny_llama(layers=12, seed=0):
@@ -45,7 +33,7 @@ SMALL = {"tasks": {"piqa": 2}, "corpora": ("wikipedia",), "calibration_windows":
 
 @pytest.fixture(scope="module")
 def tiny():
-    return _tiny_llama(), _byte_tokenizer()
+    return _tiny_llama(), byte_tokenizer()
 
 
 # ------------------------------------------------------------------------------ int8

@@ -14,21 +14,9 @@ import torch
 
 from shortgpt_lite import evaluate as ev
 from shortgpt_lite.data import Item, load_benchmark, token_windows
-from tiny import tiny_llama
+from tiny import byte_tokenizer, tiny_llama
 
 # ------------------------------------------------------------------------------ fixtures
-
-
-def _byte_tokenizer():
-    """A GPT-2-style byte-level tokenizer with no merges: one token per byte, plus EOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
 
 def _tiny_llama(vocab_size=257, seed=0, max_positions=128):
@@ -41,7 +29,7 @@ def _tiny_llama(vocab_size=257, seed=0, max_positions=128):
 
 @pytest.fixture(scope="module")
 def tiny():
-    tokenizer = _byte_tokenizer()
+    tokenizer = byte_tokenizer()
     assert len(tokenizer) == 257
     return _tiny_llama(), tokenizer
 

@@ -65,3 +65,16 @@ def tiny_llama(*, vocab_size=VOCAB, hidden=32, intermediate=64, layers=4, max_po
                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                         max_position_embeddings=max_positions, tie_word_embeddings=tie, **config)
     return T.LlamaForCausalLM(cfg).eval()
+
+
+def byte_tokenizer():
+    """A GPT-2-style byte-level tokenizer with no merges: one token per byte, plus EOS
+    (257 ids), so any text round-trips without a vocabulary file."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
