@@ -195,34 +195,39 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _per_token_fp32(a: torch.Tensor, b: torch.Tensor, f) -> torch.Tensor:
+    """``f(a_t, b_t)`` for every token row, in fp32, a few million elements at a time,
+    so a bf16 input never needs a whole fp32 copy: ``[..., H] x [..., H] -> [...]``."""
+    shape = a.shape[:-1]
+    a, b = _rows(a), _rows(b)
+    out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, a.shape[1]))
+    for s in range(0, a.shape[0], step):
+        out[s:s + step] = f(a[s:s + step].float(), b[s:s + step].float())
+    return out.view(shape)
+
+
+def _cosine_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    norms = torch.linalg.vector_norm(x, dim=-1) * torch.linalg.vector_norm(y, dim=-1)
+    return torch.linalg.vecdot(x, y) / norms.clamp_min(_EPS)
+
+
+def _relative_magnitude_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(y - x, dim=-1) / torch.linalg.vector_norm(y, dim=-1).clamp_min(_EPS)
+
+
 def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """cos(a_t, b_t) for every token ``t``, computed in fp32: ``[..., H] x [..., H] -> [...]``.
 
     ``aᵀb / (‖a‖ ‖b‖)`` with the norms clamped away from zero. Works a few million
     elements at a time, so a bf16 input never needs a whole fp32 copy.
     """
-    shape = a.shape[:-1]
-    a, b = _rows(a), _rows(b)
-    out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, a.shape[1]))
-    for s in range(0, a.shape[0], step):
-        x, y = a[s:s + step].float(), b[s:s + step].float()
-        norms = torch.linalg.vector_norm(x, dim=-1) * torch.linalg.vector_norm(y, dim=-1)
-        out[s:s + step] = torch.linalg.vecdot(x, y) / norms.clamp_min(_EPS)
-    return out.view(shape)
+    return _per_token_fp32(a, b, _cosine_rows)
 
 
 def _relative_magnitude(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
     """‖x_out - x_in‖ / ‖x_out‖ per token in fp32, i.e. ‖f(x)‖ / ‖x + f(x)‖."""
-    shape = x_in.shape[:-1]
-    a, b = _rows(x_in), _rows(x_out)
-    out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, a.shape[1]))
-    for s in range(0, a.shape[0], step):
-        x, y = a[s:s + step].float(), b[s:s + step].float()
-        out[s:s + step] = (torch.linalg.vector_norm(y - x, dim=-1)
-                           / torch.linalg.vector_norm(y, dim=-1).clamp_min(_EPS))
-    return out.view(shape)
+    return _per_token_fp32(x_in, x_out, _relative_magnitude_rows)
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:

@@ -15,11 +15,11 @@ from shortgpt_lite import (
     layer_statistics,
 )
 from shortgpt_lite.hooks import iter_batches
-from tiny import ARCHITECTURES, VOCAB, tiny_model
+from tiny import ARCHITECTURES, random_windows, tiny_model
 
 
 def _windows(n=3, length=12, seed=1):
-    return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+    return random_windows(n, length, seed)
 
 
 def _states_float64(model, ids):

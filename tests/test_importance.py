@@ -18,11 +18,11 @@ from shortgpt_lite import (
     skip_layer,
 )
 from shortgpt_lite.hooks import layer_statistics
-from tiny import VOCAB, tiny_model
+from tiny import VOCAB, random_windows, tiny_model
 
 
 def _windows(n=4, length=16, seed=2):
-    return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+    return random_windows(n, length, seed)
 
 
 def _perplexity(model, ids):

@@ -78,3 +78,8 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def random_windows(n=3, length=12, seed=1):
+    """``n`` windows of ``length`` random token ids (ids 0-2 left for special tokens)."""
+    return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
