@@ -53,6 +53,23 @@ def test_committed_notebooks_carry_outputs_and_parameters():
         assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
 
 
+def test_papermill_sees_every_parameter():
+    """papermill skips a parameter line it cannot parse (an '=' inside its comment, for
+    one) and then warns that the override is unknown; every assignment must be visible."""
+    import ast
+
+    from papermill.translators import PythonTranslator
+
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = json.loads(path.read_text())
+        cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+        source = "".join(cell["source"])
+        assigned = {t.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
+                    for t in node.targets}
+        seen = {p.name for p in PythonTranslator.inspect({"source": source})}
+        assert seen == assigned, f"{path.name}: papermill cannot parse {assigned - seen}"
+
+
 def _build(book: Path, cells) -> subprocess.CompletedProcess:
     """Build a one-chapter book with the project's own _config.yml."""
     book.mkdir()
@@ -85,3 +102,19 @@ def test_first_chapter_reruns_under_papermill_with_gemma(tmp_path):
     text = json.dumps(json.loads(out.read_text())["cells"])
     assert "Gemma3ForCausalLM" in text
     assert "decoder layers: 18" in text
+
+
+def test_pages_workflow_builds_and_publishes_the_book():
+    import yaml
+
+    flow = yaml.safe_load((ROOT / ".github/workflows/book.yml").read_text())
+    build = flow["jobs"]["build"]["steps"]
+    runs = " ".join(step.get("run", "") for step in build)
+    assert "make book" in runs
+    assert "download.pytorch.org/whl/cpu" in runs  # never the multi-GB CUDA build
+    upload = next(s for s in build if s.get("uses", "").startswith("actions/upload-pages-artifact"))
+    assert upload["with"]["path"] == "_build/html"
+    deploy = flow["jobs"]["deploy"]
+    assert deploy["needs"] == "build"
+    assert any(s.get("uses", "").startswith("actions/deploy-pages") for s in deploy["steps"])
+    assert flow["permissions"]["pages"] == "write"
