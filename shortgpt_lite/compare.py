@@ -241,6 +241,9 @@ def _measure(model, tokenizer, ppl_windows: dict, tasks, settings, progress) -> 
         suite = evaluate_suite(model, tokenizer, tasks, seed=settings["seed"], progress=False)
         for _, r in suite.iterrows():
             row[f"acc_{r['task']}"] = float(r["acc"])
+            row[f"acc_{r['task']}_ci_low"] = float(r["acc_ci_low"])
+            row[f"acc_{r['task']}_ci_high"] = float(r["acc_ci_high"])
+            row[f"acc_{r['task']}_n"] = int(r["n"])
         row["acc_mean"] = float(suite["acc"].mean())
     row["size_bytes"] = serialized_bytes(model)
     row.update(_speed(model, settings["cost_seq_len"], settings["decode_tokens"],
@@ -274,7 +277,9 @@ def compare(model: nn.Module, tokenizer, methods: Sequence[str] = tuple(METHODS)
     Columns: ``method``, ``description``, ``params_total`` (parameters present),
     ``params_kept`` (present and non-zero), ``params_removed`` (fraction of the original
     parameters removed or zeroed), ``sparsity`` (zeros among the parameters present),
-    ``ppl_<corpus>`` for each corpus, ``acc_<task>`` and ``acc_mean``, ``size_bytes``
+    ``ppl_<corpus>`` for each corpus, ``acc_<task>`` with its 95% Wilson interval
+    ``acc_<task>_ci_low`` .. ``acc_<task>_ci_high`` and item count ``acc_<task>_n``,
+    ``acc_mean`` (the unweighted mean over tasks), ``size_bytes``
     (safetensors file; ``torch.save`` for int8), ``prefill_seconds`` (a
     ``cost_seq_len``-token prompt at batch 1), ``decode_tokens_per_s``, ``prune_seconds``
     and ``details`` (what the method did: layers removed, sparsity of the linears).
@@ -307,7 +312,8 @@ def compare(model: nn.Module, tokenizer, methods: Sequence[str] = tuple(METHODS)
                 "ppl_windows": ppl_windows, "cost_seq_len": cost_seq_len,
                 "decode_tokens": decode_tokens, "repeats": repeats, "seed": seed,
                 "model": getattr(model.config, "_name_or_path", type(model).__name__),
-                "model_params": _param_counts(model)[0]}
+                "model_params": _param_counts(model)[0],
+                "row_format": 2}  # rows saved before accuracy intervals were added are redone
     folder = None if results_dir is None else Path(results_dir)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)

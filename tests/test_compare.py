@@ -87,6 +87,9 @@ def test_every_method_meets_the_budget_as_closely_as_its_granularity_allows(tiny
     assert rows.loc["shortgpt+int8", "size_bytes"] < rows.loc["shortgpt", "size_bytes"]
     assert rows.loc["int8", "size_bytes"] < rows.loc["dense", "size_bytes"]
     assert all(math.isfinite(v) for v in df["ppl_wikipedia"])
+    assert (df["acc_piqa_n"] == 2).all()
+    assert ((df["acc_piqa_ci_low"] <= df["acc_piqa"]) & (df["acc_piqa"] <= df["acc_piqa_ci_high"])).all()
+    assert (df["acc_piqa_ci_high"] - df["acc_piqa_ci_low"] > 0.3).all()  # two items say little
     assert (df["decode_tokens_per_s"] > 0).all()
     # the input model is untouched
     assert len(model.model.layers) == 12
