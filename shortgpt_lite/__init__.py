@@ -78,4 +78,7 @@ from .plots import (
     speedup_plot,
 )
 
+# Teaching: the student version of the exercises
+from .course import student_version
+
 __version__ = "0.1.0"

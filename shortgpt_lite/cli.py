@@ -1,11 +1,15 @@
-"""The command line: score layers, or prune a model and write it out.
+"""The command line: score layers, prune a model and write it out, or write the student
+version of an exercise notebook.
 
     shortgpt-lite score --model smollm2-135m --corpus wikipedia --tokens 32768 [--metric bi] [--json FILE]
     shortgpt-lite prune --model smollm2-135m --remove 8 [--metric bi] --out DIR
+    shortgpt-lite student notebooks/08_assignments.ipynb student/08_assignments.ipynb
 
 ``score`` prints one line per layer: its score and the order in which the metric would
 remove it. ``prune`` removes the ``--remove`` lowest-scoring layers and writes a folder
-that plain ``AutoModelForCausalLM.from_pretrained`` loads.
+that plain ``AutoModelForCausalLM.from_pretrained`` loads. ``student`` replaces the
+marked solutions of an exercise notebook with stubs and strips its outputs
+(see :mod:`shortgpt_lite.course`).
 """
 
 from __future__ import annotations
@@ -105,6 +109,20 @@ def cmd_prune(args) -> None:
     print(f"removed layers {plan} by {args.metric}; {n} layers left; wrote {out}")
 
 
+def cmd_student(args) -> None:
+    from .course import SOLUTION_TAG, student_version
+
+    if not Path(args.source).is_file():
+        raise SystemExit(f"{args.source} is not a file; pass the exercise notebook, e.g. "
+                         "notebooks/08_assignments.ipynb.")
+    try:
+        nb = student_version(args.source, args.destination)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    stubs = sum(1 for c in nb.cells if SOLUTION_TAG in c.metadata.get("tags", []))
+    print(f"wrote {args.destination}: {stubs} solution cells replaced by stubs, outputs stripped")
+
+
 def main(argv=None) -> None:
     """Entry point of the ``shortgpt-lite`` command."""
     parser = argparse.ArgumentParser(prog="shortgpt-lite", description=__doc__.split("\n\n")[0])
@@ -120,6 +138,12 @@ def main(argv=None) -> None:
     prune.add_argument("--remove", type=int, required=True, help="how many layers to remove")
     prune.add_argument("--out", required=True, help="folder to write the pruned model into")
     prune.set_defaults(run=cmd_prune)
+
+    student = commands.add_parser("student", help="write the student version of an exercise "
+                                  "notebook: solutions replaced by stubs, outputs stripped")
+    student.add_argument("source", help="the exercise notebook with solutions")
+    student.add_argument("destination", help="where to write the student notebook")
+    student.set_defaults(run=cmd_student)
 
     args = parser.parse_args(argv)
     args.run(args)

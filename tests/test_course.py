@@ -1,0 +1,246 @@
+"""The student version of an exercise notebook (shortgpt_lite.course) and its command."""
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+from shortgpt_lite import student_version
+from shortgpt_lite.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXERCISES = ROOT / "notebooks" / "08_assignments.ipynb"
+
+FUNCTION_SOLUTION = '''def double(x):
+    """Twice x."""
+    # BEGIN SOLUTION
+    secret_helper = 2
+    return secret_helper * x
+    # END SOLUTION'''
+
+TOP_LEVEL_SOLUTION = '''n = 3
+# BEGIN SOLUTION
+answer_block = list(range(n))
+# END SOLUTION
+print("after the solution")'''
+
+CHECK = 'assert double(2) == 4\nprint("Exercise 1: correct.")'
+
+
+def _cell(make, source, tags=(), outputs=()):
+    cell = make(source)
+    if tags:
+        cell.metadata["tags"] = list(tags)
+    if outputs:
+        cell.outputs = list(outputs)
+        cell.execution_count = 7
+    return cell
+
+
+def _notebook(*cells):
+    nb = new_notebook(cells=list(cells))
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    return nb
+
+
+def _exercise_notebook():
+    printed = new_output("stream", name="stdout", text="the secret output 42\n")
+    return _notebook(
+        _cell(new_markdown_cell, "# Exercises\n\nSome text."),
+        _cell(new_code_cell, "import math", outputs=[printed]),
+        _cell(new_markdown_cell, "## Exercise 1: doubling\n\n*Easy, 5 minutes.*"),
+        _cell(new_code_cell, FUNCTION_SOLUTION, tags=["solution", "hide-input"],
+              outputs=[printed]),
+        _cell(new_code_cell, CHECK, tags=["check"], outputs=[
+            new_output("stream", name="stdout", text="Exercise 1: correct.\n")]),
+        _cell(new_markdown_cell, "## Exercise 2: a block"),
+        _cell(new_code_cell, TOP_LEVEL_SOLUTION, tags=["solution", "hide-input"]),
+        _cell(new_code_cell, "plot_helper()", tags=["hide-input"]),
+    )
+
+
+@pytest.fixture
+def written(tmp_path):
+    """(source path, destination path, source notebook, student notebook as read back)."""
+    source, destination = tmp_path / "exercises.ipynb", tmp_path / "out" / "student.ipynb"
+    nb = _exercise_notebook()
+    nbformat.write(nb, source)
+    student_version(source, destination)
+    return source, destination, nb, nbformat.read(destination, as_version=4)
+
+
+def _solution_cells(nb):
+    return [c for c in nb.cells if "solution" in c.metadata.get("tags", [])]
+
+
+def test_markers_are_replaced_by_indented_stubs(written):
+    _, _, _, student = written
+    function_cell, top_level_cell = _solution_cells(student)
+    assert function_cell.source == ('def double(x):\n    """Twice x."""\n'
+                                    '    raise NotImplementedError("Exercise 1: write your '
+                                    'solution here")')
+    assert top_level_cell.source == ('n = 3\nraise NotImplementedError("Exercise 2: write your '
+                                     'solution here")\nprint("after the solution")')
+
+
+def test_solutions_and_outputs_are_gone_from_the_file(written):
+    _, destination, _, student = written
+    text = destination.read_text()
+    for secret in ("secret_helper", "answer_block", "BEGIN SOLUTION", "END SOLUTION",
+                   "the secret output 42", "widget-state"):
+        assert secret not in text, secret
+    for cell in student.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+
+
+def test_check_cells_and_everything_else_are_kept(written):
+    _, _, original, student = written
+    assert len(student.cells) == len(original.cells)
+    for before, after in zip(original.cells, student.cells):
+        tags = before.metadata.get("tags", [])
+        if "solution" in tags:
+            assert after.metadata["tags"] == ["solution"]  # hide-input is gone
+        else:
+            assert after.source == before.source and after.cell_type == before.cell_type
+            assert after.metadata.get("tags", []) == tags  # hide-input elsewhere stays
+    check = next(c for c in student.cells if "check" in c.metadata.get("tags", []))
+    assert check.source == CHECK
+
+
+def test_student_notebook_is_valid_nbformat(written):
+    _, destination, _, _ = written
+    nb = nbformat.read(destination, as_version=4)
+    nbformat.validate(nb)  # raises ValidationError if not
+    assert json.loads(destination.read_text())["nbformat"] == 4
+
+
+def test_running_a_stub_raises_not_implemented(written):
+    _, _, _, student = written
+    function_cell, top_level_cell = _solution_cells(student)
+    namespace = {}
+    exec(function_cell.source, namespace)  # defining the function works
+    with pytest.raises(NotImplementedError, match="Exercise 1: write your solution here"):
+        namespace["double"](2)
+    with pytest.raises(NotImplementedError, match="Exercise 2"):
+        exec(top_level_cell.source, {})
+
+
+def test_nbgrader_style_markers_are_accepted(tmp_path):
+    source = tmp_path / "nb.ipynb"
+    nbformat.write(_notebook(_cell(new_code_cell, "x = 1\n    ### BEGIN SOLUTION\ny = 2\n"
+                                   "    ### END SOLUTION", tags=["solution"])), source)
+    nb = student_version(source, tmp_path / "student.ipynb")
+    assert nb.cells[0].source == ('x = 1\n    raise NotImplementedError("Exercise 1: write your '
+                                  'solution here")')
+
+
+@pytest.mark.parametrize("source, message", [
+    ("# BEGIN SOLUTION\nx = 1", "never closed"),
+    ("x = 1\n# END SOLUTION", "has no '# BEGIN SOLUTION' before it"),
+    ("# END SOLUTION\nx = 1\n# BEGIN SOLUTION", "has no '# BEGIN SOLUTION' before it"),
+    ("# BEGIN SOLUTION\n# BEGIN SOLUTION\nx = 1\n# END SOLUTION\n# END SOLUTION",
+     "comes before the '# END SOLUTION'"),
+    ("x = 1", "has no '# BEGIN SOLUTION' / '# END SOLUTION' markers"),
+])
+def test_bad_markers_raise_and_write_nothing(tmp_path, source, message):
+    path, destination = tmp_path / "nb.ipynb", tmp_path / "student.ipynb"
+    nbformat.write(_notebook(_cell(new_markdown_cell, "## Exercise 3"),
+                             _cell(new_code_cell, source, tags=["solution"])), path)
+    with pytest.raises(ValueError, match=message) as err:
+        student_version(path, destination)
+    assert "nb.ipynb, cell 1" in str(err.value)
+    assert not destination.exists()
+
+
+def test_refuses_a_markdown_solution_and_overwriting_the_source(tmp_path):
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(_notebook(_cell(new_markdown_cell, "the answer", tags=["solution"])), path)
+    with pytest.raises(ValueError, match="only code cells can hold solutions"):
+        student_version(path, tmp_path / "student.ipynb")
+    nbformat.write(_exercise_notebook(), path)
+    with pytest.raises(ValueError, match="would delete the solutions"):
+        student_version(path, path)
+
+
+def test_cli_writes_the_student_notebook(tmp_path, capsys):
+    source, destination = tmp_path / "exercises.ipynb", tmp_path / "student" / "ex.ipynb"
+    nbformat.write(_exercise_notebook(), source)
+    main(["student", str(source), str(destination)])
+    assert f"wrote {destination}: 2 solution cells" in capsys.readouterr().out
+    student = nbformat.read(destination, as_version=4)
+    assert "secret_helper" not in json.dumps(student)
+
+
+def test_cli_turns_errors_into_messages(tmp_path):
+    with pytest.raises(SystemExit, match="is not a file"):
+        main(["student", str(tmp_path / "missing.ipynb"), str(tmp_path / "out.ipynb")])
+    bad = tmp_path / "bad.ipynb"
+    nbformat.write(_notebook(_cell(new_code_cell, "x = 1", tags=["solution"])), bad)
+    with pytest.raises(SystemExit, match="has no '# BEGIN SOLUTION'"):
+        main(["student", str(bad), str(tmp_path / "out.ipynb")])
+    with pytest.raises(SystemExit) as err:
+        main(["student", str(bad)])
+    assert err.value.code == 2  # argparse: the destination is required
+
+
+# ------------------------------------------------------------- the book's exercises
+
+
+def _sections(nb):
+    """{exercise number: the cells under its '## Exercise N' heading}."""
+    import re
+
+    sections, current = {}, None
+    for cell in nb.cells:
+        found = re.match(r"#+\s+Exercise\s+(\d+)", cell.source) \
+            if cell.cell_type == "markdown" else None
+        if found:
+            current = int(found[1])
+            sections[current] = []
+        elif cell.cell_type == "markdown" and cell.source.startswith("## "):
+            current = None
+        elif current is not None:
+            sections[current].append(cell)
+    return sections
+
+
+def test_every_exercise_has_a_marked_solution_and_a_check():
+    nb = nbformat.read(EXERCISES, as_version=4)
+    sections = _sections(nb)
+    assert sorted(sections) == list(range(1, len(sections) + 1)) and len(sections) >= 6
+    for number, cells in sections.items():
+        solutions = [c for c in cells if "solution" in c.metadata.get("tags", [])]
+        checks = [c for c in cells if "check" in c.metadata.get("tags", [])]
+        assert solutions, f"exercise {number} has no solution cell"
+        assert checks, f"exercise {number} has no check cell"
+        assert any(f"Exercise {number}: correct" in c.source for c in checks), number
+        for cell in solutions:
+            assert "hide-input" in cell.metadata["tags"], number
+            lines = [line.strip() for line in cell.source.splitlines()]
+            markers = [line for line in lines if line in ("# BEGIN SOLUTION", "# END SOLUTION")]
+            assert markers and markers == ["# BEGIN SOLUTION", "# END SOLUTION"] * (
+                len(markers) // 2), f"exercise {number}: unbalanced markers"
+    tagged = [c for c in nb.cells if "solution" in c.metadata.get("tags", [])]
+    assert len(tagged) == sum(len([c for c in cells if "solution" in c.metadata.get("tags", [])])
+                              for cells in sections.values()), "a solution cell outside an exercise"
+
+
+def test_student_version_of_the_book_exercises(tmp_path):
+    original = nbformat.read(EXERCISES, as_version=4)
+    student = student_version(EXERCISES, tmp_path / "08_assignments.ipynb")
+    for number, cells in _sections(student).items():
+        stubs = [c for c in cells if "solution" in c.metadata.get("tags", [])]
+        assert all(f'raise NotImplementedError("Exercise {number}: write your solution here")'
+                   in c.source for c in stubs), number
+    text = (tmp_path / "08_assignments.ipynb").read_text()
+    for cell in _solution_cells(original):
+        inside = cell.source.split("# BEGIN SOLUTION")[1].split("# END SOLUTION")[0]
+        body = [line.strip() for line in inside.splitlines() if line.strip()]
+        assert body and not any(json.dumps(line)[1:-1] in text for line in body
+                                if len(line) > 25), body[0]
+    assert all(not c.get("outputs") for c in student.cells)
