@@ -15,7 +15,7 @@ STAMP   := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install install-gemma test test-fast lint book book-clean clean sweep
+.PHONY: install install-gemma test test-fast lint book book-clean clean sweep student
 
 install: $(STAMP)
 
@@ -48,14 +48,20 @@ book: install
 	$(BIN)/python -m pytest -q -m book tests/test_rendered_book.py
 	@echo "Book: _build/html/index.html"
 
+# The assignments without their solutions, for instructors to hand out.
+student: install
+	$(BIN)/shortgpt-lite student notebooks/08_assignments.ipynb _build/student/08_assignments.ipynb
+
 # Rerun every chapter with papermill for each model; executed copies go to runs/<model>/.
+# SWEEP_ARGS adds papermill options to every run, e.g. SWEEP_ARGS="-p device cuda".
 SWEEP_MODELS ?= smollm2-135m gemma3-270m
+SWEEP_ARGS ?=
 sweep: install
 	@for m in $(SWEEP_MODELS); do \
 	  out="runs/$$(echo $$m | tr '/' '_')"; mkdir -p "$$out"; \
 	  for nb in notebooks/[0-9]*.ipynb; do \
 	    echo "== $$m: $$nb"; \
-	    $(BIN)/papermill "$$nb" "$$out/$$(basename $$nb)" -p model "$$m" --cwd notebooks || exit 1; \
+	    $(BIN)/papermill "$$nb" "$$out/$$(basename $$nb)" -p model "$$m" $(SWEEP_ARGS) --cwd notebooks || exit 1; \
 	  done; \
 	done
 
