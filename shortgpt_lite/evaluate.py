@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .data import Item, _adds_bos, load_benchmark, load_text, token_windows
 from .hooks import input_device
+from .quantize import safetensors_bytes
 
 __all__ = [
     "DEFAULT_SUITE",
@@ -544,16 +544,6 @@ def generation_samples(model, tokenizer, prompts: Sequence[str] = GENERATION_PRO
 # ---------------------------------------------------------------------------------- cost
 
 
-def _safetensors_bytes(model) -> int:
-    """Size of the model written as one safetensors file (shared tensors stored once)."""
-    from safetensors.torch import save_model
-
-    with tempfile.TemporaryDirectory(prefix="shortgpt-lite-size-") as tmp:
-        path = Path(tmp) / "model.safetensors"
-        save_model(model, str(path))
-        return path.stat().st_size
-
-
 def _weights_bytes(model) -> int:
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -654,7 +644,7 @@ def _cost_one(model, seq_len: int, decode_tokens: int, repeats: int, seed: int) 
         "layers": getattr(config, "num_hidden_layers", None),
         "params_total": total,
         "params_nonzero": nonzero,
-        "safetensors_bytes": _safetensors_bytes(model),
+        "safetensors_bytes": safetensors_bytes(model),
         "weights_bytes": weights,
         "peak_memory_bytes": weights + peak.extra,
         "peak_memory_measure": peak.kind,

@@ -81,17 +81,22 @@ def is_quantized(model: nn.Module) -> bool:
                "quantized" in type(m).__module__ for m in model.modules())
 
 
+def safetensors_bytes(model: nn.Module) -> int:
+    """Size of the model written as one safetensors file (shared tensors stored once)."""
+    from safetensors.torch import save_model
+
+    with tempfile.TemporaryDirectory(prefix="shortgpt-lite-size-") as tmp:
+        path = Path(tmp) / "model.safetensors"
+        save_model(model, str(path))
+        return path.stat().st_size
+
+
 def serialized_bytes(model: nn.Module) -> int:
     """Bytes of the model on disk: one safetensors file for a plain model (shared tensors
     stored once), a ``torch.save`` state dict for a quantized one (safetensors cannot
     hold packed int8 weights)."""
-    with tempfile.TemporaryDirectory(prefix="shortgpt-lite-size-") as tmp:
-        if not is_quantized(model):
-            from safetensors.torch import save_model
-
-            path = Path(tmp) / "model.safetensors"
-            save_model(model, str(path))
-            return path.stat().st_size
-        buffer = io.BytesIO()
-        torch.save(model.state_dict(), buffer)
-        return buffer.getbuffer().nbytes
+    if not is_quantized(model):
+        return safetensors_bytes(model)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
