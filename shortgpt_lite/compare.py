@@ -55,6 +55,7 @@ from .context import (
 )
 from .data import CORPORA, load_text, token_windows
 from .evaluate import perplexity
+from .hooks import cache_keyword
 from .layers import decoder_layers
 from .quantize import quantize_int8, serialized_bytes
 
@@ -206,6 +207,7 @@ def _speed(model, seq_len: int, decode_tokens: int, repeats: int, seed: int) -> 
     gen = torch.Generator().manual_seed(seed)
     device = model.get_input_embeddings().weight.device
     prompt = torch.randint(0, vocab, (1, seq_len), generator=gen).to(device)
+    cache = cache_keyword(model)
 
     def sync():
         if device.type == "cuda":
@@ -217,10 +219,10 @@ def _speed(model, seq_len: int, decode_tokens: int, repeats: int, seed: int) -> 
         out = model(prompt, use_cache=True, logits_to_keep=1)
         sync()
         t1 = time.perf_counter()
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, token = out[cache], out.logits[:, -1:].argmax(-1)
         for _ in range(n):
-            out = model(token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(token, use_cache=True, **{cache: past})
+            past, token = out[cache], out.logits[:, -1:].argmax(-1)
         sync()
         return t1 - t0, n / (time.perf_counter() - t1)
 

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Item, _adds_bos, load_benchmark, load_text, token_windows
-from .hooks import input_device
+from .hooks import cache_keyword, input_device
 from .quantize import safetensors_bytes
 
 __all__ = [
@@ -616,17 +616,18 @@ def _cost_one(model, seq_len: int, decode_tokens: int, repeats: int, seed: int) 
     # Speed does not depend on which tokens are read, only on how many.
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, _vocab_rows(model), (1, seq_len), generator=gen).to(device)
+    cache = cache_keyword(model)
 
     def run_once(n_decode: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         out = model(prompt, use_cache=True, logits_to_keep=1)
         _sync(device)
         t1 = time.perf_counter()
-        past = out.past_key_values
+        past = out[cache]
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(n_decode):
-            out = model(token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(token, use_cache=True, **{cache: past})
+            past, token = out[cache], out.logits[:, -1:].argmax(-1)
         _sync(device)
         return t1 - t0, n_decode / (time.perf_counter() - t1)
 

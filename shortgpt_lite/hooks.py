@@ -44,6 +44,7 @@ sequence with ``pair_tokens="last"``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -58,6 +59,7 @@ from .layers import decoder_layers, unwrap_model
 __all__ = [
     "LayerStatistics",
     "angular_distance",
+    "cache_keyword",
     "block_influence",
     "input_device",
     "iter_batches",
@@ -171,6 +173,17 @@ def input_device(model: nn.Module) -> torch.device:
     except (AttributeError, NotImplementedError):
         device = next(model.parameters()).device
     return torch.device("cpu") if device.type == "meta" else device
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name under which ``model.forward`` takes its KV cache and its output returns it.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` and warns on the old name;
+    earlier versions know only ``past_key_values``. Decoding loops pass and read the cache
+    as ``model(token, **{name: cache})`` and ``out[name]``, which works on both.
+    """
+    forward = unwrap_model(model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def model_inputs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict:

@@ -6,6 +6,7 @@ ones use the bundled SmolLM2-135M (the ``smollm2`` fixture in conftest.py).
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -313,3 +314,16 @@ def test_wikipedia_perplexity_at_512_tokens_is_in_band(smollm2):
     windows = token_windows(tokenizer, "The cat sat on the mat. " * 200, seq_len=128,
                             max_windows=1)
     assert ev.perplexity(model, windows, progress=False)["perplexity"] < 3  # a repeated line
+
+
+def test_cost_decodes_without_deprecation_warnings(tiny, capfd):
+    """The decode loop passes the KV cache under the name this transformers version uses."""
+    from transformers.utils import logging as hf_logging
+
+    model, _ = tiny
+    hf_logging.get_logger("transformers").warning_once.cache_clear()  # warnings print once
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ev.cost(model, seq_len=8, decode_tokens=3, repeats=1)
+    messages = [str(w.message) for w in caught] + [capfd.readouterr().err]
+    assert not [m for m in messages if "deprecated" in m], messages

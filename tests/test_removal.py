@@ -9,6 +9,7 @@ import torch
 import transformers as T
 
 from shortgpt_lite import decoder_layers, remove_layers
+from shortgpt_lite.hooks import cache_keyword
 from shortgpt_lite.removal import RECORD_KEY
 from tiny import ARCHITECTURES, VOCAB, tiny_model
 
@@ -20,10 +21,11 @@ def _ids(n=2, length=12, seed=3):
 def _incremental_logits(model, ids, prefix=5):
     """Logits of every position after ``prefix``, decoding one token at a time with a KV cache."""
     with torch.no_grad():
+        cache = cache_keyword(model)
         out = model(ids[:, :prefix], use_cache=True)
         steps = [out.logits[:, -1]]
         for t in range(prefix, ids.shape[1] - 1):
-            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(ids[:, t:t + 1], use_cache=True, **{cache: out[cache]})
             steps.append(out.logits[:, -1])
     return torch.stack(steps, dim=1)
 
