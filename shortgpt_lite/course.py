@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import nbformat
+if TYPE_CHECKING:
+    import nbformat
 
 __all__ = ["BEGIN", "END", "SOLUTION_TAG", "student_version"]
 
@@ -95,6 +97,13 @@ def student_version(source, destination) -> nbformat.NotebookNode:
     before it is written. ``ValueError`` if a solution cell has no markers or unbalanced
     ones, or if ``destination`` is ``source`` (that would overwrite the solutions).
     """
+    try:  # a course tool, not needed to prune a model: the `course` extra brings it
+        import nbformat
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            "Writing a student notebook needs nbformat, which a plain install of shortgpt-lite "
+            "leaves out. Install it with `pip install 'shortgpt-lite[course]'` (or `pip install "
+            "nbformat`).") from None
     source, destination = Path(source), Path(destination)
     if destination.resolve() == source.resolve():
         raise ValueError(f"The destination {destination} is the source notebook; writing "

@@ -244,3 +244,21 @@ def test_student_version_of_the_book_exercises(tmp_path):
         assert body and not any(json.dumps(line)[1:-1] in text for line in body
                                 if len(line) > 25), body[0]
     assert all(not c.get("outputs") for c in student.cells)
+
+
+def test_the_library_imports_without_nbformat_and_says_what_to_install(tmp_path):
+    """nbformat is a course tool, outside the plain install: only student_version needs it."""
+    import subprocess
+    import sys
+
+    blocked = ("import sys; sys.modules['nbformat'] = None\n"  # any `import nbformat` now fails
+               "import shortgpt_lite as sgl\n"
+               "try:\n"
+               f"    sgl.student_version({str(EXERCISES)!r}, {str(tmp_path / 'out.ipynb')!r})\n"
+               "except ModuleNotFoundError as err:\n"
+               "    print(err)\n")
+    run = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "pip install 'shortgpt-lite[course]'" in run.stdout
+    assert not (tmp_path / "out.ipynb").exists()
