@@ -78,6 +78,9 @@ from .plots import (
     speedup_plot,
 )
 
+# The book: claims of the text checked against outputs
+from .claims import claim
+
 # Teaching: the student version of the exercises
 from .course import student_version
 
