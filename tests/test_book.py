@@ -29,7 +29,7 @@ def test_config_makes_errors_fatal():
     assert cfg["only_build_toc_files"] is True
     assert cfg["execute"]["raise_on_error"] is True
     assert cfg["execute"]["execute_notebooks"] == "force"
-    assert {".venv/*", "_build/*"} <= set(cfg["exclude_patterns"])
+    assert {".venv/*", ".venv-plain/*", "_build/*"} <= set(cfg["exclude_patterns"])
     assert cfg["launch_buttons"]["colab_url"]
     makefile = (ROOT / "Makefile").read_text()
     assert "jupyter-book build . -W" in makefile
