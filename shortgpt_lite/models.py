@@ -7,11 +7,14 @@ later load reads that folder instead (well under 5 s for SmolLM2-135M).
 
 The cache folder is ``$SHORTGPT_LITE_CACHE`` if set, else ``~/.cache/shortgpt_lite``.
 It is written into a temporary folder and renamed into place only when complete,
-so an interrupted first load never leaves a half-written model behind.
+so an interrupted first load never leaves a half-written model behind. Its marker
+file records each file's size and the hash of its start, so a cache damaged later (a
+full disk, a copy cut short) is noticed on load and rebuilt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -30,6 +33,7 @@ __all__ = [
     "cache_dir",
     "load_model",
     "pick_device",
+    "resolve_dtype",
 ]
 
 
@@ -91,26 +95,69 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
 }
 
 # Bump when the way the cache is written changes, so stale caches are rebuilt.
-_CACHE_FORMAT = 1
+# 2: the COMPLETE marker records every file's size and the hash of its start.
+_CACHE_FORMAT = 2
+# How much of the start of each cached file is hashed: all of a safetensors header
+# (the table of where each tensor lies) for the bundled models, read in a millisecond.
+_HEAD_BYTES = 64 * 1024
 
 
 def cache_dir() -> Path:
     """The folder that holds de-quantised bundled models: ``$SHORTGPT_LITE_CACHE`` or
     ``~/.cache/shortgpt_lite``."""
     env = os.environ.get("SHORTGPT_LITE_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "shortgpt_lite"
-    return base
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "shortgpt_lite"
+
+
+_DEVICE_CHOICES = '"auto", "cpu", "cuda", "cuda:N" (GPU number N, from 0) or "mps"'
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def _available_devices() -> list[str]:
+    """The devices this machine can compute on, as ``pick_device`` accepts them."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if _mps_available():
+        found.append("mps")
+    return found
 
 
 def pick_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` picks cuda, then mps, then cpu; anything else is passed to ``torch.device``."""
+    """The ``torch.device`` to load a model onto, checked to exist on this machine.
+
+    ``"auto"`` (or ``None``) picks cuda, then mps, then cpu. Otherwise ``device`` is
+    ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or a ``torch.device``. A name torch
+    does not know, or a device this machine lacks, raises a ``ValueError`` that lists
+    the choices, rather than an error from deep inside torch when the weights move.
+    """
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"Unknown device {device!r}. Use {_DEVICE_CHOICES}.") from None
+    if dev.type == "cpu":
+        here = True
+    elif dev.type == "cuda":
+        here = torch.cuda.is_available() and (dev.index is None
+                                              or dev.index < torch.cuda.device_count())
+    elif dev.type == "mps":
+        here = _mps_available()
+    else:  # other accelerators torch knows (xpu, hpu, ...) say whether they are here
+        is_available = getattr(getattr(torch, dev.type, None), "is_available", None)
+        here = callable(is_available) and bool(is_available())
+    if not here:
+        raise ValueError(f"Device {device!r} is not available on this machine. Available here: "
+                         f"{', '.join(_available_devices())}; or \"auto\" for the best of them.")
+    return dev
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:
@@ -120,7 +167,14 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """The ``torch.dtype`` to load a model in on ``device``.
+
+    ``None`` or ``"auto"`` means fp32 on a CPU or mps, and bf16 on a CUDA GPU that
+    supports it, else fp16. A ``torch.dtype`` is returned as it is, and so are the names
+    ``"float32"``/``"fp32"``, ``"float16"``/``"fp16"`` and ``"bfloat16"``/``"bf16"``.
+    Anything else raises a ``ValueError`` that lists these names.
+    """
     if dtype is None or dtype == "auto":
         return _default_dtype(device)
     if isinstance(dtype, torch.dtype):
@@ -136,8 +190,39 @@ def _bundled_cache(spec: BundledModel) -> Path:
     return cache_dir() / f"{spec.name}-v{_CACHE_FORMAT}"
 
 
+def _fingerprint(path: Path) -> dict:
+    """The size of a file and the SHA-256 of its first ``_HEAD_BYTES``: changed by a
+    truncated, extended or overwritten file, and cheap enough to check on every load."""
+    with open(path, "rb") as fh:
+        head = fh.read(_HEAD_BYTES)
+    return {"size": path.stat().st_size, "head_sha256": hashlib.sha256(head).hexdigest()}
+
+
+def _fingerprints(folder: Path) -> dict[str, dict]:
+    return {p.relative_to(folder).as_posix(): _fingerprint(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "COMPLETE"}
+
+
 def _cache_is_complete(folder: Path) -> bool:
-    return (folder / "COMPLETE").is_file() and (folder / "config.json").is_file()
+    """Whether ``folder`` holds a finished cache of this format whose files are all as
+    they were written. No marker means an interrupted write; a file whose size or start
+    differs from the marker's record means a full disk, a copy cut short or an
+    overwrite. Either way the cache is rebuilt."""
+    try:
+        marker = json.loads((folder / "COMPLETE").read_text())
+        files = marker["files"]
+        return (marker["format"] == _CACHE_FORMAT and "config.json" in files
+                and all(_fingerprint(folder / name) == fp for name, fp in files.items()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _remove_older_caches(spec: BundledModel) -> None:
+    """Delete caches of ``spec`` in an older format, which this version never reads."""
+    for folder in cache_dir().glob(f"{spec.name}-v*"):
+        version = folder.name.rsplit("-v", 1)[1]
+        if folder.is_dir() and version.isdigit() and int(version) < _CACHE_FORMAT:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _build_cache(spec: BundledModel, target: Path) -> None:
@@ -168,8 +253,9 @@ def _build_cache(spec: BundledModel, target: Path) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
         (tmp / "COMPLETE").write_text(json.dumps({
             "source": str(gguf), "format": _CACHE_FORMAT,
-            "seconds_to_dequantise": round(time.perf_counter() - t0, 1)}))
-        if target.exists():  # an incomplete leftover from an older, interrupted run
+            "seconds_to_dequantise": round(time.perf_counter() - t0, 1),
+            "files": _fingerprints(tmp)}, indent=2))
+        if target.exists():  # an interrupted or damaged leftover
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
@@ -185,6 +271,7 @@ def _bundled_folder(spec: BundledModel) -> Path:
     folder = _bundled_cache(spec)
     if not _cache_is_complete(folder):
         _build_cache(spec, folder)
+        _remove_older_caches(spec)
     return folder
 
 
@@ -211,7 +298,7 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device = "auto", 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = pick_device(device)
-    torch_dtype = _resolve_dtype(dtype, dev)
+    torch_dtype = resolve_dtype(dtype, dev)
     if name in BUNDLED_MODELS:
         source = str(_bundled_folder(BUNDLED_MODELS[name]))
     elif Path(name).expanduser().exists():

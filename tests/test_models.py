@@ -1,11 +1,18 @@
 import importlib.util
+import json
 import shutil
 
 import pytest
 import torch
 
 from shortgpt_lite import models
-from shortgpt_lite.models import BUNDLED_MODELS, cache_dir, load_model, pick_device
+from shortgpt_lite.models import (
+    BUNDLED_MODELS,
+    cache_dir,
+    load_model,
+    pick_device,
+    resolve_dtype,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +91,81 @@ def test_interrupted_cache_write_is_never_used(tmp_path, monkeypatch):
     assert (leftover / "COMPLETE").is_file()
 
 
+def copy_of_cache(smollm2, tmp_path, monkeypatch):
+    """Point the cache at ``tmp_path`` and put a copy of the real SmolLM2 cache there."""
+    real = cache_dir() / f"smollm2-135m-v{models._CACHE_FORMAT}"
+    monkeypatch.setenv("SHORTGPT_LITE_CACHE", str(tmp_path))
+    copy = models._bundled_cache(BUNDLED_MODELS["smollm2-135m"])
+    shutil.copytree(real, copy)
+    return real, copy
+
+
+def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch, smollm2):
+    model, _ = smollm2
+    real, copy = copy_of_cache(smollm2, tmp_path, monkeypatch)
+    weights = copy / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as fh:  # a copy cut short, or a full disk
+        fh.truncate(size // 2)
+
+    # the real build de-quantises the GGUF for a minute; copying the good cache stands in
+    built = []
+
+    def build(spec, target):
+        built.append(target)
+        shutil.rmtree(target)
+        shutil.copytree(real, target)
+
+    monkeypatch.setattr(models, "_build_cache", build)
+    again, _ = load_model("smollm2-135m", device="cpu")
+    assert built == [copy]
+    assert weights.stat().st_size == size
+    ids = torch.tensor([[504, 3575, 282, 4649, 314]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+    load_model("smollm2-135m", device="cpu")  # an intact cache is not rebuilt
+    assert built == [copy]
+
+
+def test_cache_check_notices_damage_and_old_markers(tmp_path, monkeypatch, smollm2):
+    _, copy = copy_of_cache(smollm2, tmp_path, monkeypatch)
+    assert models._cache_is_complete(copy)
+    marker = json.loads((copy / "COMPLETE").read_text())
+    assert {"model.safetensors", "config.json"} <= set(marker["files"])
+
+    header = bytearray((copy / "model.safetensors").read_bytes()[:100])
+    with open(copy / "model.safetensors", "r+b") as fh:  # same size, another header
+        fh.write(bytes(header[:50]) + bytes(50))
+    assert not models._cache_is_complete(copy)
+    with open(copy / "model.safetensors", "r+b") as fh:
+        fh.write(bytes(header))
+    assert models._cache_is_complete(copy)
+
+    (copy / "tokenizer.json").write_text("{}")
+    assert not models._cache_is_complete(copy)
+    (copy / "tokenizer.json").unlink()
+    assert not models._cache_is_complete(copy)
+
+    # a marker from format 1 recorded no files: such a cache is rebuilt once
+    for old in ({"source": "x.gguf", "format": 1}, {**marker, "format": 1}):
+        (copy / "COMPLETE").write_text(json.dumps(old))
+        assert not models._cache_is_complete(copy)
+    (copy / "COMPLETE").write_text("{not json")
+    assert not models._cache_is_complete(copy)
+
+
+def test_older_cache_formats_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHORTGPT_LITE_CACHE", str(tmp_path))
+    spec = BUNDLED_MODELS["smollm2-135m"]
+    for name in ("smollm2-135m-v0", "smollm2-135m-v1", f"smollm2-135m-v{models._CACHE_FORMAT}",
+                 f"smollm2-135m-v{models._CACHE_FORMAT + 1}", "gemma3-270m-v1"):
+        (tmp_path / name).mkdir()
+    models._remove_older_caches(spec)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gemma3-270m-v1", f"smollm2-135m-v{models._CACHE_FORMAT}",
+        f"smollm2-135m-v{models._CACHE_FORMAT + 1}"]
+
+
 def test_local_folder_loads(tmp_path, smollm2):
     model, tokenizer = smollm2
     src = cache_dir() / f"smollm2-135m-v{models._CACHE_FORMAT}"
@@ -118,10 +200,52 @@ def test_missing_gemma_package(monkeypatch):
 
 def test_pick_device():
     assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device(torch.device("cpu")) == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     if not torch.cuda.is_available() and torch.backends.mps.is_available():
         expected = "mps"
     assert pick_device("auto").type == expected
+    assert pick_device(None).type == expected
+
+
+@pytest.mark.parametrize("device", ["tpu", "CUDA", "cuda:x", ""])
+def test_unknown_device(device):
+    choices = r"\"auto\", \"cpu\", \"cuda\", \"cuda:N\".*\"mps\""
+    with pytest.raises(ValueError, match=f"Unknown device {device!r}. Use {choices}"):
+        pick_device(device)
+
+
+def test_unknown_device_fails_before_loading():
+    with pytest.raises(ValueError, match="Unknown device 'tpu'"):
+        load_model("smollm2-135m", device="tpu")
+
+
+def test_device_missing_here(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0", "mps", torch.device("cuda")):
+        with pytest.raises(ValueError, match=r"not available on this machine\. Available here: "
+                                             r"cpu; or \"auto\""):
+            pick_device(device)
+    with pytest.raises(ValueError, match="'xla' is not available"):
+        pick_device("xla")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="Available here: cpu, cuda, cuda:0, cuda:1;"):
+        pick_device("cuda:2")
+
+
+def test_resolve_dtype():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("bf16", cpu) is torch.bfloat16
+    assert resolve_dtype("float16", cpu) is torch.float16
+    assert resolve_dtype(torch.float64, cpu) is torch.float64
+    assert resolve_dtype(None, cpu) is torch.float32
+    assert resolve_dtype("auto", cpu) is torch.float32
+    with pytest.raises(ValueError, match=r"Unknown dtype 'float8'.*'bf16'.*'fp32'"):
+        resolve_dtype("float8", cpu)
 
 
 def test_bad_dtype():
