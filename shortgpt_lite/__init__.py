@@ -19,20 +19,26 @@ from .models import BUNDLED_MODELS, cache_dir, load_model, pick_device
 from .hooks import (
     LayerStatistics,
     angular_distance,
+    angular_distance_per_token,
     block_influence,
+    block_influence_per_token,
     layer_similarity,
     layer_statistics,
+    relative_magnitude_per_token,
 )
 from .importance import METRICS, layer_importance, layers_to_remove, skip_layer
+from .inputs import input_device, iter_batches
 from .layers import decoder_layers
+from .records import pruning_records
 from .removal import removal_curve, remove_layers
 
 # Evaluation and cost
+from .costs import cost, param_counts, prefill_and_decode, serialized_bytes
 from .evaluate import (
     DEFAULT_SUITE,
     GENERATION_PROMPTS,
     binomial_ci,
-    cost,
+    bootstrap_interval,
     evaluate_choices,
     evaluate_suite,
     generation_samples,
@@ -43,7 +49,7 @@ from .evaluate import (
 )
 
 # Baselines: Wanda, magnitude, context pruning, comparison
-from .compare import DEFAULT_CORPORA, METHODS, compare, prune_to_budget
+from .comparison import DEFAULT_CORPORA, METHODS, compare, prune_to_budget
 from .context import (
     DOMAINS,
     ContextPlan,
@@ -57,7 +63,7 @@ from .context import (
     normalised_l1,
     shrink_vocabulary,
 )
-from .quantize import quantize_int8, serialized_bytes
+from .quantize import quantize_int8
 from .wanda import (
     magnitude_prune,
     prunable_parameters,
@@ -85,3 +91,31 @@ from .claims import claim
 from .course import student_version
 
 __version__ = "0.1.0"
+
+__all__ = [
+    # data and models
+    "BENCHMARKS", "BUNDLED_MODELS", "CORPORA", "Item", "cache_dir", "corpus_documents",
+    "load_benchmark", "load_model", "load_text", "pick_device", "token_windows",
+    # Block Influence and the other layer statistics
+    "LayerStatistics", "angular_distance", "angular_distance_per_token", "block_influence",
+    "block_influence_per_token", "layer_similarity", "layer_statistics",
+    "relative_magnitude_per_token",
+    # importance, plans and removal
+    "METRICS", "decoder_layers", "input_device", "iter_batches", "layer_importance",
+    "layers_to_remove", "pruning_records", "removal_curve", "remove_layers", "skip_layer",
+    # evaluation and cost
+    "DEFAULT_SUITE", "GENERATION_PROMPTS", "binomial_ci", "bootstrap_interval", "cost",
+    "evaluate_choices", "evaluate_suite", "generation_samples", "loglikelihoods",
+    "param_counts", "perplexity", "prefill_and_decode", "score_items", "serialized_bytes",
+    "text_perplexity",
+    # baselines and the comparison
+    "DEFAULT_CORPORA", "DOMAINS", "METHODS", "ContextPlan", "ContextStatistics",
+    "VocabularyMap", "compare", "context_plan", "context_prune", "context_statistics",
+    "domain_windows", "magnitude_prune", "neuron_mask", "normalised_l1", "prunable_parameters",
+    "prune_to_budget", "quantize_int8", "shrink_vocabulary", "sparsity_mask",
+    "sparsity_report", "wanda_prune", "wanda_scores",
+    # figures, the book's claims, teaching
+    "adjacent_similarity", "angular_distance_heatmap", "bi_profile", "book_style", "claim",
+    "removal_curves", "similarity_heatmap", "speedup_plot", "student_version",
+    "__version__",
+]

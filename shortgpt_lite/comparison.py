@@ -32,10 +32,10 @@ the same settings and finished methods are read back instead of recomputed.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,17 +47,20 @@ from tqdm.auto import tqdm
 
 from .context import (
     DOMAINS,
-    _gated_mlp,
     context_plan,
     context_prune,
     context_statistics,
     domain_windows,
+    gated_mlp,
 )
+from .costs import param_counts, prefill_and_decode, serialized_bytes
 from .data import CORPORA, load_text, token_windows
-from .evaluate import perplexity
-from .hooks import cache_keyword
+from .evaluate import DEFAULT_SUITE, evaluate_suite, perplexity
+from .importance import layer_importance, layers_to_remove
 from .layers import decoder_layers
-from .quantize import quantize_int8, serialized_bytes
+from .quantize import quantize_int8
+from .removal import remove_layers
+from .wanda import magnitude_prune, prunable_parameters, wanda_prune
 
 __all__ = ["DEFAULT_CORPORA", "METHODS", "compare", "prune_to_budget"]
 
@@ -75,31 +78,16 @@ METHODS = {
 
 DEFAULT_CORPORA = ("wikipedia", "fiction", "law", "medicine", "code")
 
-
-# ------------------------------------------------------------------------- counting
-
-
-def _unique_params(model: nn.Module) -> list[torch.Tensor]:
-    seen, out = set(), []
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
+# Methods calibrated on token windows, and those whose int8 step runs only on a CPU fp32 model.
+_CALIBRATED = ("shortgpt", "wanda", "wanda-2:4", "shortgpt+wanda", "shortgpt+int8")
+_INT8 = ("int8", "shortgpt+int8")
 
 
-def _param_counts(model: nn.Module) -> tuple[int, int]:
-    """(parameters present, parameters that are not zero), tied ones once."""
-    params = _unique_params(model)
-    return (sum(p.numel() for p in params),
-            sum(int(torch.count_nonzero(p)) for p in params))
+# ------------------------------------------------------------------------- pruning
 
 
 def _block_params(model: nn.Module) -> int:
     return sum(p.numel() for p in decoder_layers(model)[0].parameters())
-
-
-# -------------------------------------------------------------------------- pruning
 
 
 def _layers_for(model, n_params: float) -> int:
@@ -108,9 +96,6 @@ def _layers_for(model, n_params: float) -> int:
 
 
 def _shortgpt(model, windows, n_params, progress):
-    from .importance import layer_importance, layers_to_remove
-    from .removal import remove_layers
-
     k = _layers_for(model, n_params)
     if k == 0:
         return model, {"layers_removed": []}
@@ -121,8 +106,6 @@ def _shortgpt(model, windows, n_params, progress):
 
 
 def _sparsity_for(model, n_params: float, method: str) -> float:
-    from .wanda import prunable_parameters
-
     s = n_params / prunable_parameters(model)
     if not 0 <= s < 1:
         raise ValueError(f"{method} would need sparsity {s:.2f} in the block linears to remove "
@@ -138,20 +121,16 @@ def prune_to_budget(model: nn.Module, method: str, budget: float, *, windows=Non
     ``windows`` (calibration tokens) are needed by ``shortgpt``, ``wanda`` and the
     combinations; ``domain_data`` (the domain's token windows) by ``context``.
     """
-    import copy
-
-    from .wanda import magnitude_prune, wanda_prune
-
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}. Choose from: {', '.join(METHODS)}.")
     if not (0.0 <= budget < 1.0):
         raise ValueError(f"budget is the fraction of parameters to remove, in [0, 1); got "
                          f"{budget}.")
-    total = _param_counts(model)[0]
+    _check_int8_runs(model, [method])
+    total = param_counts(model)[0]
     target = budget * total
     info: dict = {}
-    if method in ("shortgpt", "wanda", "wanda-2:4", "shortgpt+wanda", "shortgpt+int8") \
-            and windows is None:
+    if method in _CALIBRATED and windows is None:
         raise ValueError(f"{method} needs calibration windows: pass windows=token_windows(...).")
     if method == "dense":
         return copy.deepcopy(model), info
@@ -171,7 +150,7 @@ def prune_to_budget(model: nn.Module, method: str, budget: float, *, windows=Non
                              "domain_data=domain_windows(tokenizer, 'law').")
         stats = context_statistics(model, domain_data, progress=progress)
         blocks = decoder_layers(model)
-        mlp = _gated_mlp(blocks[0])
+        mlp = gated_mlp(blocks[0])
         if mlp is None:
             raise LookupError("context pruning removes MLP neurons: it needs blocks with a gated "
                               "MLP (gate_proj, up_proj, down_proj), as in Llama-family models.")
@@ -183,59 +162,23 @@ def prune_to_budget(model: nn.Module, method: str, budget: float, *, windows=Non
                 {"mlp_neurons_removed_per_layer": neurons})
     if method == "shortgpt+wanda":
         pruned, info = _shortgpt(model, windows, target / 2, progress)
-        rest = target - (total - _param_counts(pruned)[0])
+        rest = target - (total - param_counts(pruned)[0])
         s = _sparsity_for(pruned, max(0.0, rest), method)
         info["sparsity_of_linears"] = s
         return wanda_prune(pruned, windows, s, inplace=True, progress=progress), info
     # int8 keeps every parameter: the counts are taken from the float model it came from
     if method == "int8":
-        info["float_params"] = list(_param_counts(model))
+        info["float_params"] = list(param_counts(model))
         return quantize_int8(model), info
     pruned, info = _shortgpt(model, windows, target, progress)  # shortgpt+int8
-    info["float_params"] = list(_param_counts(pruned))
+    info["float_params"] = list(param_counts(pruned))
     return quantize_int8(pruned, inplace=pruned is not model), info
 
 
 # -------------------------------------------------------------------------- measuring
 
 
-def _speed(model, seq_len: int, decode_tokens: int, repeats: int, seed: int) -> dict:
-    """Prefill latency and decode speed at batch 1, as ``evaluate.cost`` measures them
-    (warm-up, then the median of ``repeats``; a seeded random prompt), but for any model,
-    int8-quantized ones included."""
-    vocab = model.get_input_embeddings().num_embeddings
-    gen = torch.Generator().manual_seed(seed)
-    device = model.get_input_embeddings().weight.device
-    prompt = torch.randint(0, vocab, (1, seq_len), generator=gen).to(device)
-    cache = cache_keyword(model)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def once(n: int) -> tuple[float, float]:
-        sync()
-        t0 = time.perf_counter()
-        out = model(prompt, use_cache=True, logits_to_keep=1)
-        sync()
-        t1 = time.perf_counter()
-        past, token = out[cache], out.logits[:, -1:].argmax(-1)
-        for _ in range(n):
-            out = model(token, use_cache=True, **{cache: past})
-            past, token = out[cache], out.logits[:, -1:].argmax(-1)
-        sync()
-        return t1 - t0, n / (time.perf_counter() - t1)
-
-    with torch.inference_mode():
-        once(min(4, decode_tokens))
-        runs = [once(decode_tokens) for _ in range(repeats)]
-    return {"prefill_seconds": statistics.median(r[0] for r in runs),
-            "decode_tokens_per_s": statistics.median(r[1] for r in runs)}
-
-
 def _measure(model, tokenizer, ppl_windows: dict, tasks, settings, progress) -> dict:
-    from .evaluate import evaluate_suite
-
     row: dict = {}
     for corpus, windows in ppl_windows.items():
         row[f"ppl_{corpus}"] = perplexity(model, windows, progress=False)["perplexity"]
@@ -248,9 +191,22 @@ def _measure(model, tokenizer, ppl_windows: dict, tasks, settings, progress) -> 
             row[f"acc_{r['task']}_n"] = int(r["n"])
         row["acc_mean"] = float(suite["acc"].mean())
     row["size_bytes"] = serialized_bytes(model)
-    row.update(_speed(model, settings["cost_seq_len"], settings["decode_tokens"],
-                      settings["repeats"], settings["seed"]))
+    row.update(prefill_and_decode(model, settings["cost_seq_len"], settings["decode_tokens"],
+                                  settings["repeats"], settings["seed"]))
     return row
+
+
+def _check_int8_runs(model: nn.Module, methods) -> None:
+    """Refuse int8 methods up front on a model they cannot quantize, before any other
+    method has been pruned and measured."""
+    asked = [m for m in methods if m in _INT8]
+    if not asked:
+        return
+    param = next(model.parameters())
+    if param.device.type != "cpu" or param.dtype != torch.float32:
+        raise ValueError(f"{', '.join(asked)} need a CPU fp32 model (int8 dynamic quantization runs "
+                         f"on the CPU), but this one is {param.dtype} on {param.device}. Leave them "
+                         f"out of methods, or load the model with device='cpu', dtype='float32'.")
 
 
 def _save_json(path: Path, data: dict) -> None:
@@ -289,8 +245,6 @@ def compare(model: nn.Module, tokenizer, methods: Sequence[str] = tuple(METHODS)
     With ``results_dir``, each finished method is written to ``<results_dir>/<method>.json``
     and read back on the next run with the same settings, so an interrupted run resumes.
     """
-    from .evaluate import DEFAULT_SUITE
-
     methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -307,6 +261,7 @@ def compare(model: nn.Module, tokenizer, methods: Sequence[str] = tuple(METHODS)
     if bad:
         raise ValueError(f"Unknown corpus {bad[0]!r} in corpora; choose from: "
                          f"{', '.join(CORPORA)}.")
+    _check_int8_runs(model, methods)
     tasks = dict(DEFAULT_SUITE if tasks is None else tasks)
     settings = {"budget": budget, "tasks": tasks, "corpora": list(corpora),
                 "calibration": calibration, "domain": domain,
@@ -314,7 +269,7 @@ def compare(model: nn.Module, tokenizer, methods: Sequence[str] = tuple(METHODS)
                 "ppl_windows": ppl_windows, "cost_seq_len": cost_seq_len,
                 "decode_tokens": decode_tokens, "repeats": repeats, "seed": seed,
                 "model": getattr(model.config, "_name_or_path", type(model).__name__),
-                "model_params": _param_counts(model)[0],
+                "model_params": param_counts(model)[0],
                 "row_format": 2}  # rows saved before accuracy intervals were added are redone
     folder = None if results_dir is None else Path(results_dir)
     if folder is not None:
@@ -346,14 +301,13 @@ def compare(model: nn.Module, tokenizer, methods: Sequence[str] = tuple(METHODS)
                 rows.append(saved["row"])
                 continue
         t0 = time.perf_counter()
-        needs_windows = method in ("shortgpt", "wanda", "wanda-2:4", "shortgpt+wanda",
-                                   "shortgpt+int8")
+        needs_windows = method in _CALIBRATED
         pruned, info = prune_to_budget(
             model, method, budget, progress=False,
             windows=data("calibration") if needs_windows else None,
             domain_data=data("domain") if method == "context" else None)
         prune_seconds = time.perf_counter() - t0
-        present, kept = info.pop("float_params", None) or _param_counts(pruned)
+        present, kept = info.pop("float_params", None) or param_counts(pruned)
         pruned.eval()
         row = {"method": method, "description": METHODS[method], "params_total": present,
                "params_kept": kept, "params_removed": 1 - kept / total,

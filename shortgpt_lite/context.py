@@ -48,7 +48,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import check_windows, load_text, token_windows
-from .layers import decoder_layers, unwrap_model
+from .inputs import check_token_ids, input_device, vocab_rows
+from .layers import decoder_layers, stop_after, unwrap_model
+from .records import CONTEXT_RECORD
 
 __all__ = [
     "DOMAINS",
@@ -59,15 +61,13 @@ __all__ = [
     "context_prune",
     "context_statistics",
     "domain_windows",
+    "gated_mlp",
     "neuron_mask",
     "normalised_l1",
     "shrink_vocabulary",
 ]
 
 DOMAINS = ("law", "medicine", "code", "economics")
-
-# Where a pruned model's config records what context pruning did (saved with the model).
-RECORD_KEY = "shortgpt_lite_context"
 
 
 def domain_windows(tokenizer, domain: str, seq_len: int = 512,
@@ -100,17 +100,13 @@ class ContextStatistics:
     domain: str | None = None
 
 
-def _gated_mlp(block: nn.Module) -> nn.Module | None:
+def gated_mlp(block: nn.Module) -> nn.Module | None:
     """The block's gated MLP (``gate_proj``, ``up_proj``, ``down_proj``), if it has one."""
     for module in block.modules():
         if all(isinstance(getattr(module, n, None), nn.Linear)
                for n in ("gate_proj", "up_proj", "down_proj")):
             return module
     return None
-
-
-class _Stop(Exception):
-    pass
 
 
 def context_statistics(model: nn.Module, windows: torch.Tensor, *, domain: str | None = None,
@@ -123,6 +119,7 @@ def context_statistics(model: nn.Module, windows: torch.Tensor, *, domain: str |
     pass stops after the last decoder block: the LM head is not needed.
     """
     check_windows(windows, "domain_windows(tokenizer, 'law')")
+    check_token_ids(model, windows)
     if domain is not None and domain not in DOMAINS:
         raise ValueError(f"Unknown domain {domain!r}; use one of: {', '.join(DOMAINS)}.")
     inner = unwrap_model(model)
@@ -146,34 +143,25 @@ def context_statistics(model: nn.Module, windows: torch.Tensor, *, domain: str |
             act_sums[b] = act_sums[b] + s if b in act_sums else s
         return hook
 
-    def stop(module, args, output):
-        raise _Stop
-
     for b, block in enumerate(blocks):
         for module in block.modules():
             if isinstance(module, nn.Linear):
                 handles.append(module.register_forward_hook(on_linear(names[module])))
-        mlp = _gated_mlp(block)
+        mlp = gated_mlp(block)
         if mlp is not None:
             handles.append(mlp.down_proj.register_forward_pre_hook(on_activation(b)))
-    handles.append(blocks[-1].register_forward_hook(stop))
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     try:
         with torch.inference_mode():
             for start in tqdm(range(0, windows.shape[0], batch_size), desc="context statistics",
                               disable=not progress):
-                try:
+                with stop_after(blocks[-1]):  # the LM head is not needed
                     model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
     finally:
         for h in handles:
             h.remove()
     tokens = int(windows.numel())
-    vocab = model.get_input_embeddings().num_embeddings
-    if int(windows.max()) >= vocab or int(windows.min()) < 0:
-        raise ValueError(f"The windows hold token ids outside [0, {vocab}); cut them with this "
-                         "model's own tokenizer.")
+    vocab = vocab_rows(model)
     return ContextStatistics(
         linear={n: (s / tokens).cpu() for n, s in linear_sums.items()},
         activation={b: (s / tokens).cpu() for b, s in act_sums.items()},
@@ -335,7 +323,7 @@ def context_prune(model: nn.Module, plan: ContextPlan, *, physical: bool = False
     if missing:
         raise LookupError(f"The plan names linear layers this model does not have ({missing[:3]}"
                           "...); build the plan from statistics of this model.")
-    mlps = {b: _gated_mlp(blocks[b]) for b in plan.activation}
+    mlps = {b: gated_mlp(blocks[b]) for b in plan.activation}
     if physical and (not plan.activation or any(m is None for m in mlps.values())):
         raise LookupError("physical=True removes MLP activation neurons: it needs a plan with "
                           "activation=True on a model with gated MLPs (gate_proj, up_proj, "
@@ -361,7 +349,7 @@ def context_prune(model: nn.Module, plan: ContextPlan, *, physical: bool = False
             for b, mlp in mlps.items():
                 _shrink_mlp(mlp, torch.nonzero(~plan.activation[b]).flatten(), width)
             inner.config.get_text_config().intermediate_size = width
-    setattr(inner.config, RECORD_KEY, {
+    setattr(inner.config, CONTEXT_RECORD, {
         **plan.rule,
         "physical": physical,
         "intermediate_size": width,
@@ -499,7 +487,7 @@ def shrink_vocabulary(model: nn.Module, keep, *, inplace: bool = False):
     generation = getattr(inner, "generation_config", None)
     if generation is not None:
         _remap_token_ids(generation, mapping)
-    record = dict(getattr(inner.config, RECORD_KEY, None) or {})
+    record = dict(getattr(inner.config, CONTEXT_RECORD, None) or {})
     record["vocabulary"] = {"old_vocab_size": vocab, "kept_tokens": int(keep.numel())}
-    setattr(inner.config, RECORD_KEY, record)
+    setattr(inner.config, CONTEXT_RECORD, record)
     return model, mapping

@@ -1,4 +1,4 @@
-"""Measurements: perplexity, zero-shot multiple choice, generation samples and cost.
+"""Measurements of quality: perplexity, zero-shot multiple choice and generation samples.
 
 Every number in the book comes from one of these functions, so each one pins down what
 it measures:
@@ -14,41 +14,42 @@ it measures:
 * ``generation_samples``: greedy continuations of fixed prompts. ShortGPT (Men et al.,
   2024, Section 4) reports that generative tasks collapse after layer removal (XSum
   19.4 -> 0.67 on Llama-2-7B); these samples let a chapter show it.
-* ``cost``: parameters, size on disk, peak memory, prefill latency and decode speed.
+* ``bootstrap_interval`` and ``binomial_ci``: the 95% intervals every comparison in the
+  book stands on, over evaluation windows and over benchmark items.
 
-Results are plain dicts or pandas DataFrames that seaborn plots directly.
+What a model costs to store and run is measured in :mod:`shortgpt_lite.cost`. Results
+are plain dicts or pandas DataFrames that seaborn plots directly.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import statistics
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import Item, _adds_bos, load_benchmark, load_text, token_windows
-from .hooks import cache_keyword, input_device
-from .quantize import safetensors_bytes
+from .costs import synchronize
+from .data import Item, adds_bos, load_benchmark, load_text, token_windows
+from .inputs import check_token_ids, input_device, max_positions, vocab_rows
 
 __all__ = [
     "DEFAULT_SUITE",
     "GENERATION_PROMPTS",
     "binomial_ci",
-    "cost",
+    "bootstrap_interval",
     "evaluate_choices",
     "evaluate_suite",
     "generation_samples",
     "loglikelihoods",
     "perplexity",
+    "plan_batches",
     "score_items",
     "text_perplexity",
+    "token_nll",
 ]
 
 # The zero-shot suite every chapter reports: 200 seeded items per task.
@@ -77,21 +78,6 @@ _Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 # ----------------------------------------------------------------------------- helpers
 
 
-def _vocab_rows(model) -> int:
-    return model.get_input_embeddings().num_embeddings
-
-
-def _max_positions(model) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-        else model.config
-    return getattr(config, "max_position_embeddings", None)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _check_tokenizer(model, tokenizer) -> None:
     """Refuse a tokenizer whose ids do not fit the model's embedding matrix.
 
@@ -99,7 +85,7 @@ def _check_tokenizer(model, tokenizer) -> None:
     with far fewer (under 80%) is another model's tokenizer: real models pad their
     embedding by at most a few percent (Qwen2.5: 151,936 rows for 151,665 tokens).
     """
-    rows, n = _vocab_rows(model), len(tokenizer)
+    rows, n = vocab_rows(model), len(tokenizer)
     if n > rows or n < 0.8 * rows:
         raise ValueError(
             f"The tokenizer has {n:,} tokens but the model's embedding has {rows:,} rows: they "
@@ -127,6 +113,32 @@ def binomial_ci(successes: int, n: int, z: float = _Z95) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def bootstrap_interval(values, *, n_boot: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """A percentile-bootstrap interval (95% by default) of the mean of ``values``.
+
+    Draws ``n_boot`` resamples of ``values`` with replacement and returns the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of their means (Efron and
+    Tibshirani, 1993). ``values`` are one number per evaluation window, so the interval
+    says how much the mean would move on other text like this, not how uncertain the
+    model is. The draws depend only on ``seed`` and ``len(values)``, so two arrays of the
+    same length are resampled with the same windows: pass the per-window *differences*
+    of two models to get a paired interval. NaN for fewer than two values.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"values must be one number per window, a 1-D array; got shape "
+                         f"{values.shape}.")
+    if not 0 < level < 1 or n_boot < 1:
+        raise ValueError(f"level must be in (0, 1) and n_boot at least 1; got {level}, {n_boot}.")
+    if len(values) < 2:
+        return (math.nan, math.nan)
+    draws = np.random.default_rng(seed).integers(0, len(values), size=(n_boot, len(values)))
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(values[draws].mean(axis=1), [tail, 100 - tail])
+    return (float(low), float(high))
+
+
 def _mean_stderr(values: np.ndarray) -> float:
     # lm-evaluation-harness's stderr of a mean: sample standard deviation / sqrt(n)
     n = len(values)
@@ -138,10 +150,10 @@ def _mean_stderr(values: np.ndarray) -> float:
 
 def _default_ppl_batch(model, seq_len: int) -> int:
     # The logits of one batch are [batch, seq_len, vocab]; keep them near 1 GiB in fp32.
-    return max(1, min(16, 2**28 // (seq_len * _vocab_rows(model))))
+    return max(1, min(16, 2**28 // (seq_len * vocab_rows(model))))
 
 
-def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``-log p(target)`` per position, as ``logsumexp(logits) - logits[target]`` in fp32.
 
     One row at a time, so a bf16 model never needs an fp32 copy of the whole
@@ -155,7 +167,7 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, *, per_window: bool = False) -> dict:
     """Perplexity of ``model`` over fixed-length, non-overlapping token ``windows``.
 
     ``windows`` is the ``[n, seq_len]`` LongTensor from ``token_windows``. Within each
@@ -170,8 +182,10 @@ def perplexity(model, windows: torch.Tensor, batch_size: int | None = None,
     1 GiB.
 
     Returns a dict: ``perplexity``, ``nll`` (mean nats per predicted token), ``seq_len``,
-    ``windows``, ``tokens`` (predicted tokens), ``seconds`` and ``tokens_per_s`` (input
-    tokens per second).
+    ``windows``, ``tokens`` (predicted tokens), ``batch_size``, ``seconds`` and
+    ``tokens_per_s`` (input tokens per second). With ``per_window=True`` it also holds
+    ``nll_per_window``, a float64 array of each window's mean NLL (their mean is ``nll``),
+    which :func:`bootstrap_interval` resamples.
     """
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
         raise ValueError("windows must be a 2-D LongTensor [n, seq_len]; build it with "
@@ -180,32 +194,32 @@ def perplexity(model, windows: torch.Tensor, batch_size: int | None = None,
     if n == 0 or seq_len < 2:
         raise ValueError(f"windows has shape {tuple(windows.shape)}; it needs at least one window "
                          "of at least 2 tokens.")
-    max_pos = _max_positions(model)
+    max_pos = max_positions(model)
     if max_pos is not None and seq_len > max_pos:
         raise ValueError(f"The windows are {seq_len} tokens long but the model has only "
                          f"{max_pos} positions; cut them with token_windows(..., seq_len={max_pos}) "
                          "or shorter.")
-    rows = _vocab_rows(model)
-    if int(windows.min()) < 0 or int(windows.max()) >= rows:
-        raise ValueError(f"The windows hold token ids outside [0, {rows}): they were cut with "
-                         "another model's tokenizer. Use the tokenizer that load_model returned "
-                         "with this model.")
+    check_token_ids(model, windows)
     batch_size = batch_size or _default_ppl_batch(model, seq_len)
     device = input_device(model)
-    nll_sum = 0.0
+    window_sums = []
     t0 = time.perf_counter()
     with torch.inference_mode():
         for start in tqdm(range(0, n, batch_size), desc=f"perplexity @ {seq_len}",
                           disable=not progress):
             x = windows[start:start + batch_size].to(device)
             logits = model(x, use_cache=False).logits
-            nll_sum += float(_token_nll(logits[:, :-1], x[:, 1:]).double().sum())
-    _sync(device)
+            window_sums.append(token_nll(logits[:, :-1], x[:, 1:]).double().sum(dim=1).cpu())
+    synchronize(device)
     seconds = time.perf_counter() - t0
-    predicted = n * (seq_len - 1)
-    nll = nll_sum / predicted
-    return {"perplexity": math.exp(nll), "nll": nll, "seq_len": int(seq_len), "windows": int(n),
-            "tokens": predicted, "seconds": seconds, "tokens_per_s": n * seq_len / seconds}
+    sums = torch.cat(window_sums).numpy()
+    nll = float(sums.sum()) / (n * (seq_len - 1))
+    result = {"perplexity": math.exp(nll), "nll": nll, "seq_len": int(seq_len), "windows": int(n),
+              "tokens": n * (seq_len - 1), "batch_size": batch_size, "seconds": seconds,
+              "tokens_per_s": n * seq_len / seconds}
+    if per_window:
+        result["nll_per_window"] = sums / (seq_len - 1)
+    return result
 
 
 def text_perplexity(model, tokenizer, corpus: str = "wikipedia", split: str = "evaluation",
@@ -218,7 +232,7 @@ def text_perplexity(model, tokenizer, corpus: str = "wikipedia", split: str = "e
     because a perplexity is a figure of one token stream at one sequence length.
     """
     _check_tokenizer(model, tokenizer)
-    max_pos = _max_positions(model)
+    max_pos = max_positions(model)
     if max_pos is not None and seq_len > max_pos:
         raise ValueError(f"seq_len={seq_len} is longer than the model's {max_pos} positions; "
                          f"use seq_len <= {max_pos}.")
@@ -241,7 +255,7 @@ def _encode_requests(tokenizer, requests) -> list[tuple[list[int], list[int]]]:
     added unless the tokenizer adds one. An empty context becomes the BOS token (EOS if
     there is none), as lm-evaluation-harness does.
     """
-    prefix = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    prefix = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     pairs = []
     for context, continuation in requests:
         n_spaces = len(context) - len(context.rstrip())
@@ -263,7 +277,7 @@ def _encode_requests(tokenizer, requests) -> list[tuple[list[int], list[int]]]:
     return encoded
 
 
-def _plan_batches(model, tokenizer, requests, batch_size: int):
+def plan_batches(model, tokenizer, requests, batch_size: int):
     """Group requests into left-padded batches of distinct model inputs.
 
     A request's input is ``(context + continuation)[:-1]``: the last ``k`` positions
@@ -277,7 +291,7 @@ def _plan_batches(model, tokenizer, requests, batch_size: int):
     ``keep`` is how many final positions need logits and ``members[row]`` lists
     ``(request index, continuation ids)``.
     """
-    max_pos = _max_positions(model)
+    max_pos = max_positions(model)
     rows: dict[tuple[int, ...], list] = {}
     for i, (ctx, cont) in enumerate(_encode_requests(tokenizer, requests)):
         if not cont:
@@ -336,7 +350,7 @@ def _loglikelihoods(model, tokenizer, requests, batch_size, progress):
     _check_tokenizer(model, tokenizer)
     device = input_device(model)
     results: list[tuple[float, bool] | None] = [None] * len(requests)
-    batches = _plan_batches(model, tokenizer, requests, batch_size)
+    batches = plan_batches(model, tokenizer, requests, batch_size)
     with torch.inference_mode():
         for ids, mask, positions, keep, members in tqdm(batches, desc="log-likelihood",
                                                         disable=not progress):
@@ -539,157 +553,3 @@ def generation_samples(model, tokenizer, prompts: Sequence[str] = GENERATION_PRO
                          "continuation": tokenizer.decode(new, skip_special_tokens=True),
                          "new_tokens": int(new.numel())})
     return pd.DataFrame(rows)
-
-
-# ---------------------------------------------------------------------------------- cost
-
-
-def _weights_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def _rss(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-class _PeakMemory:
-    """Extra memory at peak while the block runs, beyond what was in use when it began.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak. CPU (Linux):
-    the process's resident-set high-water mark ``VmHWM``, reset by writing 5 to
-    ``/proc/self/clear_refs``, minus the resident set at the start. Elsewhere ``extra``
-    is NaN.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = "unavailable"
-        self.extra = math.nan
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-            self.kind = "cuda max_memory_allocated"
-        elif self.device.type == "cpu" and os.access(_CLEAR_REFS, os.W_OK):
-            _CLEAR_REFS.write_text("5")
-            self.start = _rss("VmRSS")
-            self.kind = "process peak RSS (VmHWM)" if self.start is not None else "unavailable"
-        return self
-
-    def __exit__(self, *exc):
-        if self.kind.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
-            self.extra = torch.cuda.max_memory_allocated(self.device) - self.start
-        elif self.kind.startswith("process"):
-            peak = _rss("VmHWM")
-            self.extra = max(0, peak - self.start) if peak is not None else math.nan
-        return False
-
-
-def _cost_one(model, seq_len: int, decode_tokens: int, repeats: int, seed: int) -> dict:
-    max_pos = _max_positions(model)
-    if max_pos is not None and seq_len + decode_tokens > max_pos:
-        raise ValueError(f"A {seq_len}-token prompt plus {decode_tokens} decoded tokens needs more "
-                         f"than the model's {max_pos} positions; use a shorter seq_len.")
-    if repeats < 1 or decode_tokens < 1:
-        raise ValueError("repeats and decode_tokens must be at least 1.")
-    device = input_device(model)
-    params = list(model.parameters())
-    total = sum(p.numel() for p in params)
-    nonzero = sum(int(torch.count_nonzero(p)) for p in params)
-    # Speed does not depend on which tokens are read, only on how many.
-    gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, _vocab_rows(model), (1, seq_len), generator=gen).to(device)
-    cache = cache_keyword(model)
-
-    def run_once(n_decode: int) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        out = model(prompt, use_cache=True, logits_to_keep=1)
-        _sync(device)
-        t1 = time.perf_counter()
-        past = out[cache]
-        token = out.logits[:, -1:].argmax(-1)
-        for _ in range(n_decode):
-            out = model(token, use_cache=True, **{cache: past})
-            past, token = out[cache], out.logits[:, -1:].argmax(-1)
-        _sync(device)
-        return t1 - t0, n_decode / (time.perf_counter() - t1)
-
-    prefill, decode = [], []
-    with torch.inference_mode(), _PeakMemory(device) as peak:
-        run_once(min(decode_tokens, 4))  # warm-up: kernels, allocator, thread pool
-        for _ in range(repeats):
-            p, d = run_once(decode_tokens)
-            prefill.append(p)
-            decode.append(d)
-    weights = _weights_bytes(model)
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-        else model.config
-    return {
-        "layers": getattr(config, "num_hidden_layers", None),
-        "params_total": total,
-        "params_nonzero": nonzero,
-        "safetensors_bytes": safetensors_bytes(model),
-        "weights_bytes": weights,
-        "peak_memory_bytes": weights + peak.extra,
-        "peak_memory_measure": peak.kind,
-        "prefill_tokens": seq_len,
-        "prefill_seconds": statistics.median(prefill),
-        "decode_tokens_per_s": statistics.median(decode),
-        "device": str(device),
-        "dtype": str(next(iter(params)).dtype).replace("torch.", ""),
-        "repeats": repeats,
-    }
-
-
-def cost(model, seq_len: int = 512, decode_tokens: int = 32, repeats: int = 5,
-         seed: int = 0):
-    """What a model costs to store and run, measured on the device it is on.
-
-    * ``params_total`` and ``params_nonzero``: parameters, tied ones counted once; the
-      second is what unstructured (Wanda) sparsity lowers and depth pruning does not
-      need to.
-    * ``safetensors_bytes``: the size of the model written as one safetensors file (it
-      is written to a temporary folder and measured); ``weights_bytes``: parameters and
-      buffers in memory.
-    * ``peak_memory_bytes``: ``weights_bytes`` plus the extra memory at the peak of the
-      prefill and decode runs below. On CUDA the extra is from
-      ``torch.cuda.max_memory_allocated``; on a Linux CPU it is the growth of the process's
-      peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``), which counts
-      every allocation including the allocator's slack. ``peak_memory_measure`` says which.
-    * ``prefill_seconds``: one forward pass over a ``seq_len``-token prompt at batch 1,
-      filling the KV cache and computing the next token's logits (time to first token).
-    * ``decode_tokens_per_s``: ``decode_tokens`` greedy steps at batch 1 with the KV cache
-      after that prompt.
-
-    One warm-up run comes first; the times are the median of ``repeats`` runs. The
-    prompt is random token ids (seeded): the speed depends on the number of tokens, not
-    on which they are.
-
-    ``model`` is one model (returns a dict) or a mapping ``{name: model}`` (returns a
-    DataFrame indexed by name, so a dense and a pruned model sit side by side).
-    """
-    if isinstance(model, Mapping):
-        if not model:
-            raise ValueError("No models given; pass a model or a dict {name: model}.")
-        rows = {name: _cost_one(m, seq_len, decode_tokens, repeats, seed)
-                for name, m in tqdm(model.items(), desc="cost", disable=len(model) < 2)}
-        return pd.DataFrame.from_dict(rows, orient="index")
-    return _cost_one(model, seq_len, decode_tokens, repeats, seed)
-

@@ -27,12 +27,13 @@ import math
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .hooks import iter_batches, layer_statistics, model_inputs
-from .layers import decoder_layers
+from .evaluate import token_nll
+from .hooks import layer_statistics
+from .inputs import iter_batches, model_inputs
+from .layers import decoder_layers, replaced_forward
 
 __all__ = ["METRICS", "layer_importance", "layers_to_remove", "skip_layer"]
 
@@ -55,7 +56,7 @@ def layer_importance(model: nn.Module, data=None, metric: str = "bi", *, batch_s
     """One fp32 score per decoder layer (``Tensor[L]`` on the CPU); lower = remove first.
 
     ``metric`` is one of :data:`METRICS`. ``data`` (token windows or batches, see
-    :func:`shortgpt_lite.hooks.iter_batches`) is needed by every metric except
+    :func:`shortgpt_lite.inputs.iter_batches`) is needed by every metric except
     ``sequential``, ``reverse`` and ``random``. ``seed`` drives ``random``; ``tokens``
     (``"last"`` or ``"all"``) picks the tokens ``angular`` averages over.
 
@@ -121,15 +122,11 @@ def layers_to_remove(scores, k: int, *, keep_first: int = 0, keep_last: int = 0)
 # ------------------------------------------------------------------------------- ppl
 
 
-def _token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple:
+def _masked_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple:
     """Sum of next-token negative log-likelihoods over real tokens, and their count."""
-    targets = ids[:, 1:].to(logits.device)
     valid = (mask[:, :-1] & mask[:, 1:]).to(logits.device)
-    total = logits.new_zeros((), dtype=torch.float32)
-    for row in range(logits.shape[0]):  # one row at a time: an fp32 copy of all logits is big
-        nll = F.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none")
-        total = total + torch.where(valid[row], nll, 0.0).sum()
-    return total, int(valid.sum())
+    nll = token_nll(logits[:, :-1], ids[:, 1:].to(logits.device))
+    return torch.where(valid, nll, 0.0).sum(), int(valid.sum())
 
 
 def _output_formats(model: nn.Module, layers: nn.ModuleList, batch) -> list:
@@ -159,23 +156,14 @@ def skip_layer(layer: nn.Module, returns_tuple_of: int | None = None):
     (a tensor, or a tuple of ``returns_tuple_of`` items as Falcon's blocks return), so a
     forward pass runs as if the layer had been removed. The KV cache of a skipped
     layer stays empty, so use it without a cache."""
-    had_own_forward = "forward" in layer.__dict__  # accelerate and peft put one there
-    own_forward = layer.__dict__.get("forward")
-
     def identity(*args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         if returns_tuple_of is None:
             return hidden
         return (hidden,) + (None,) * (returns_tuple_of - 1)
 
-    layer.forward = identity
-    try:
+    with replaced_forward(layer, identity):
         yield layer
-    finally:
-        if had_own_forward:
-            layer.forward = own_forward
-        else:
-            del layer.forward
 
 
 def _perplexity_without_each_layer(model, data, batch_size, progress) -> torch.Tensor:
@@ -195,7 +183,7 @@ def _perplexity_without_each_layer(model, data, batch_size, progress) -> torch.T
                 with skip_layer(layer, formats[i]):
                     for ids, mask in batches:
                         logits = model(**model_inputs(model, ids, mask)).logits
-                        s, c = _token_nll(logits, ids, mask)
+                        s, c = _masked_nll(logits, ids, mask)
                         nll, count = nll + float(s), count + c
                         bar.update()
                 if count == 0:
@@ -244,7 +232,7 @@ def _taylor(model, data, batch_size, progress) -> torch.Tensor:
             for ids, mask in tqdm(batches, desc="Taylor importance", unit="batch",
                                   disable=not progress):
                 logits = model(**model_inputs(model, ids, mask)).logits
-                nll, _ = _token_nll(logits, ids, mask)
+                nll, _ = _masked_nll(logits, ids, mask)
                 (nll / total).backward()
                 del logits, nll
         scores = []

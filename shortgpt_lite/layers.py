@@ -6,13 +6,22 @@ name: ``model.layers`` (Llama, Mistral, Qwen, Gemma, Phi-3), ``transformer.h`` (
 Falcon), ``model.decoder.layers`` (OPT), ``gpt_neox.layers`` (Pythia), and one level
 deeper in multimodal models. :func:`decoder_layers` finds it, through peft and
 accelerate wrappers, so no other module needs to know where a model keeps its blocks.
+
+Two context managers change what a block does for the length of a ``with``, and are the
+only places this library does so: :func:`stop_after` ends a forward pass once a block
+has run (the statistics are collected; the final norm and the LM head are not needed),
+and :func:`replaced_forward` swaps a block's ``forward`` and restores it afterwards.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import contextmanager
+
 from torch import nn
 
-__all__ = ["decoder_layers", "decoder_layers_path", "num_layers", "unwrap_model"]
+__all__ = ["decoder_layers", "decoder_layers_path", "num_layers", "replaced_forward",
+           "stop_after", "unwrap_model"]
 
 # Where known architectures keep their blocks, most common first.
 _KNOWN_PATHS = (
@@ -102,3 +111,47 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     Raises ``LookupError`` naming the model class when it cannot find them.
     """
     return _get(unwrap_model(model), decoder_layers_path(model))
+
+
+class _StopForward(Exception):
+    """Raised by :func:`stop_after`'s hook and caught by its ``with``."""
+
+
+def _raise_stop(module, args, output):
+    raise _StopForward
+
+
+@contextmanager
+def stop_after(block: nn.Module):
+    """A forward pass run inside the ``with`` ends as soon as ``block`` has returned.
+
+    Hooks registered on ``block`` before this one still see its output. The model call
+    returns nothing; what the pass was for is whatever those hooks collected::
+
+        with stop_after(decoder_layers(model)[-1]):
+            model(**inputs)
+    """
+    handle = block.register_forward_hook(_raise_stop)
+    try:
+        yield
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def replaced_forward(block: nn.Module, forward: Callable):
+    """Inside the ``with``, ``block(...)`` calls ``forward`` instead of its own method;
+    the block's hooks still run. Afterwards the block is as it was, including a
+    ``forward`` that accelerate or peft set on the instance."""
+    had_own = "forward" in block.__dict__
+    own = block.__dict__.get("forward")
+    block.forward = forward
+    try:
+        yield block
+    finally:
+        if had_own:
+            block.forward = own
+        else:
+            del block.forward

@@ -177,7 +177,7 @@ def speedup_plot(df, num_layers: int, title: str = "Measured speed-up against th
     """Measured ratios against the ideal ``L / (L - k)``.
 
     ``df`` has one row per ``k`` (column ``k``, one row with ``k = 0``) and the columns of
-    :func:`shortgpt_lite.evaluate.cost`: ``prefill_seconds``, ``decode_tokens_per_s``,
+    :func:`shortgpt_lite.costs.cost`: ``prefill_seconds``, ``decode_tokens_per_s``,
     ``peak_memory_bytes``. Plotted relative to ``k = 0``: prefill speed-up
     ``t_0 / t_k``, decode speed-up ``r_k / r_0`` and memory reduction ``m_0 / m_k``.
     Only the decoder blocks shrink, so the embedding and head keep every ratio below the

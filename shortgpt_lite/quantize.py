@@ -13,23 +13,21 @@ warnings it raises are silenced here, by message, and nothing else: the call is
 deliberate, and the model it returns is the same.
 
 A quantized model no longer saves with ``save_pretrained`` as a plain transformers
-model; :func:`serialized_bytes` measures its size as a ``torch.save`` state dict.
+model; :func:`shortgpt_lite.costs.serialized_bytes` measures its size as a ``torch.save``
+state dict.
 """
 
 from __future__ import annotations
 
 import copy
-import io
-import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .layers import decoder_layers
 
-__all__ = ["is_quantized", "quantize_int8", "serialized_bytes"]
+__all__ = ["is_quantized", "quantize_int8"]
 
 _DEPRECATIONS = (
     r"torch\.ao\.quantization is deprecated",
@@ -55,7 +53,7 @@ def quantize_int8(model: nn.Module, *, include_lm_head: bool = False,
                          "dtype=torch.float32 or call model.float() first.")
     if not inplace:
         model = copy.deepcopy(model)
-    targets = [block for block in decoder_layers(model)]
+    targets = list(decoder_layers(model))
     if include_lm_head and model.get_output_embeddings() is not None:
         targets.append(model.get_output_embeddings())
     with warnings.catch_warnings():
@@ -79,24 +77,3 @@ def is_quantized(model: nn.Module) -> bool:
     """Whether any module of ``model`` is a dynamically quantized linear layer."""
     return any(type(m).__name__ == "DynamicQuantizedLinear" or
                "quantized" in type(m).__module__ for m in model.modules())
-
-
-def safetensors_bytes(model: nn.Module) -> int:
-    """Size of the model written as one safetensors file (shared tensors stored once)."""
-    from safetensors.torch import save_model
-
-    with tempfile.TemporaryDirectory(prefix="shortgpt-lite-size-") as tmp:
-        path = Path(tmp) / "model.safetensors"
-        save_model(model, str(path))
-        return path.stat().st_size
-
-
-def serialized_bytes(model: nn.Module) -> int:
-    """Bytes of the model on disk: one safetensors file for a plain model (shared tensors
-    stored once), a ``torch.save`` state dict for a quantized one (safetensors cannot
-    hold packed int8 weights)."""
-    if not is_quantized(model):
-        return safetensors_bytes(model)
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getbuffer().nbytes

@@ -22,10 +22,15 @@ import copy
 import math
 import operator
 
+import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from .evaluate import bootstrap_interval, evaluate_choices, generation_samples, perplexity
+from .importance import layers_to_remove
 from .layers import decoder_layers, decoder_layers_path, unwrap_model
+from .records import REMOVAL_RECORD
 
 __all__ = ["remove_layers", "removal_curve"]
 
@@ -36,8 +41,6 @@ _INDEX_LISTS = ("mlp_only_layers",)
 # Config integers that mark a layer boundary: "layers below this index ...".
 _BOUNDARIES = ("max_window_layers",)
 
-RECORD_KEY = "shortgpt_lite"
-
 
 def _check_layers(layers, n: int) -> list[int]:
     if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
@@ -47,7 +50,7 @@ def _check_layers(layers, n: int) -> list[int]:
     picked = []
     for entry in layers:
         if isinstance(entry, (bool, float)):
-            raise ValueError(  # noqa: TRY004 - the house rule: user errors are ValueErrors
+            raise ValueError(
                 f"Layer indices must be integers; got {entry!r} ({type(entry).__name__}).")
         try:
             index = operator.index(entry)
@@ -79,9 +82,14 @@ def _check_supported(config) -> None:
                          "supported.")
 
 
+def _new_indices(removed: list[int], n: int) -> dict[int, int]:
+    """Old index -> new index of every layer that stays."""
+    return {old: new for new, old in enumerate(i for i in range(n) if i not in removed)}
+
+
 def _update_config(config, removed: list[int], n: int) -> None:
-    kept = [i for i in range(n) if i not in removed]
-    new_index = {old: new for new, old in enumerate(kept)}
+    new_index = _new_indices(removed, n)
+    kept = list(new_index)
     for name, value in list(vars(config).items()):
         if name in _NOT_PER_LAYER or name.startswith("_"):
             continue
@@ -98,13 +106,13 @@ def _update_config(config, removed: list[int], n: int) -> None:
 
 def _record(config, removed: list[int], n: int, scores, metric) -> None:
     """Write what was removed, in the original model's numbering, into the config."""
-    previous = getattr(config, RECORD_KEY, None) or {}
+    previous = getattr(config, REMOVAL_RECORD, None) or {}
     original_n = previous.get("original_num_hidden_layers", n)
     already = previous.get("removed_layers", [])
     survivors = [i for i in range(original_n) if i not in already]  # current -> original
     step = {"removed": removed, "num_hidden_layers_before": n, "metric": metric,
             "scores": None if scores is None else [float(s) for s in scores]}
-    setattr(config, RECORD_KEY, {
+    setattr(config, REMOVAL_RECORD, {
         "original_num_hidden_layers": original_n,
         "removed_layers": sorted(already + [survivors[i] for i in removed]),
         "steps": previous.get("steps", []) + [step],
@@ -163,8 +171,7 @@ def _update_device_map(inner: nn.Module, removed: list[int], n: int) -> None:
     if not isinstance(device_map, dict):
         return
     prefix = decoder_layers_path(inner) + "."
-    kept = [i for i in range(n) if i not in removed]
-    new_index = {old: new for new, old in enumerate(kept)}
+    new_index = _new_indices(removed, n)
     updated = {}
     for name, device in device_map.items():
         if name.startswith(prefix):
@@ -178,28 +185,6 @@ def _update_device_map(inner: nn.Module, removed: list[int], n: int) -> None:
 
 
 # ------------------------------------------------------------------------ removal curve
-
-
-def _window_nll(model, windows: torch.Tensor) -> list[float]:
-    """Mean next-token NLL of each window separately (batch 1), so the windows can be
-    resampled afterwards."""
-    from .evaluate import perplexity
-
-    return [perplexity(model, windows[i:i + 1], progress=False)["nll"]
-            for i in range(windows.shape[0])]
-
-
-def _bootstrap_ppl(nll, n_boot: int, seed: int) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of ``exp(mean NLL)`` over windows."""
-    import numpy as np
-
-    nll = np.asarray(nll, dtype=np.float64)
-    if len(nll) < 2:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = nll[rng.integers(0, len(nll), size=(n_boot, len(nll)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return (math.exp(low), math.exp(high))
 
 
 def removal_curve(model: nn.Module, tokenizer, scores, ks, *, windows=None, items=None,
@@ -232,12 +217,6 @@ def removal_curve(model: nn.Module, tokenizer, scores, ks, *, windows=None, item
     ``chance``, ``generation`` (the last three groups only when measured), ``cached``
     (whether the row was reused from ``cache``).
     """
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    from .evaluate import evaluate_choices, generation_samples
-    from .importance import layers_to_remove
-
     if windows is None and items is None and prompt is None:
         raise ValueError("Nothing to measure: pass token windows, benchmark items or a prompt.")
     ks = [int(k) for k in ks]
@@ -260,10 +239,11 @@ def removal_curve(model: nn.Module, tokenizer, scores, ks, *, windows=None, item
             pruned = remove_layers(model, removed, scores=scores, metric=metric) if removed \
                 else model
             if windows is not None and measured.get("ppl") is None:
-                nll = _window_nll(pruned, windows)
-                low, high = _bootstrap_ppl(nll, n_boot, seed)
-                mean = sum(nll) / len(nll)
-                measured["ppl"] = {"ppl": math.exp(mean), "ppl_ci_low": low, "ppl_ci_high": high,
+                nll = perplexity(pruned, windows, progress=False, per_window=True)
+                low, high = bootstrap_interval(nll["nll_per_window"], n_boot=n_boot, seed=seed)
+                mean = nll["nll"]
+                measured["ppl"] = {"ppl": math.exp(mean), "ppl_ci_low": math.exp(low),
+                                   "ppl_ci_high": math.exp(high),
                                    "nll": mean, "seq_len": int(windows.shape[1]),
                                    "windows": int(windows.shape[0])}
             if items is not None and measured.get("acc") is None:

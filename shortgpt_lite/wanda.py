@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from contextlib import ExitStack
 
 import pandas as pd
 import torch
@@ -39,20 +40,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import check_windows
-from .layers import decoder_layers, unwrap_model
+from .inputs import input_device
+from .layers import decoder_layers, replaced_forward, stop_after, unwrap_model
+from .records import SPARSITY_RECORD
 
 __all__ = [
-    "RECORD_KEY",
+    "block_inputs",
     "magnitude_prune",
     "prunable_parameters",
+    "run_block",
     "sparsity_mask",
     "sparsity_report",
     "wanda_prune",
     "wanda_scores",
 ]
-
-# Where a pruned model's config records how it was pruned (saved with the model).
-RECORD_KEY = "shortgpt_lite_sparsity"
 
 
 # ---------------------------------------------------------------------------- checks
@@ -73,7 +74,7 @@ def _parse_sparsity(sparsity) -> tuple[float, tuple[int, int] | None]:
                              "every group of M, so N must be smaller than M (e.g. '2:4', '4:8').")
         return n / m, (n, m)
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise ValueError(  # noqa: TRY004 - the house rule: user errors are ValueErrors
+        raise ValueError(
             f"sparsity must be a fraction in [0, 1) or 'N:M', got {sparsity!r}.")
     if not (0.0 <= float(sparsity) < 1.0) or math.isnan(sparsity):
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}: it is the fraction of "
@@ -179,32 +180,29 @@ def _apply(linear: nn.Linear, mask: torch.Tensor) -> None:
 
 
 def _record(model: nn.Module, **entry) -> None:
-    setattr(unwrap_model(model).config, RECORD_KEY, entry)
+    setattr(unwrap_model(model).config, SPARSITY_RECORD, entry)
 
 
 # ----------------------------------------------------------------------- calibration
 
 
-class _Stop(Exception):
-    pass
-
-
-def _block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int):
+def block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int):
     """The inputs of block 0 and the call arguments of every block, per batch.
 
     Every block's ``forward`` is swapped for a stub that records its arguments (masks,
     rotary embeddings, which differ per block in Gemma-3's alternating attention) and
     passes the hidden states through, so this pass costs only the embedding. Returns
-    ``(hidden, calls)``: ``hidden[k]`` is batch ``k``'s input to block 0, ``calls[b][k]``
-    the ``(args, kwargs)`` block ``b`` received after its hidden states.
+    ``(hidden, calls, tuple_output)``: ``hidden[k]`` is batch ``k``'s input to block 0,
+    ``calls[b][k]`` the ``(args, kwargs)`` block ``b`` received after its hidden states,
+    and ``tuple_output`` whether a block returns a tuple. :func:`run_block` replays them.
     """
     blocks = decoder_layers(model)
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     hidden: list[torch.Tensor] = []
     calls: list[list] = [[] for _ in blocks]
     tuple_output: list = []
 
-    def stub(b: int, block: nn.Module, original):
+    def stub(b: int, original):
         def forward(*args, **kwargs):
             x = args[0] if args else kwargs.pop("hidden_states")
             rest = args[1:]
@@ -214,31 +212,21 @@ def _block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int):
                     out = original(x, *rest, **kwargs)
                     tuple_output.append(isinstance(out, (tuple, list)))
             calls[b].append((rest, kwargs))
-            if b == len(blocks) - 1:
-                raise _Stop
             return (x,) if tuple_output[0] else x
         return forward
 
-    own = [block.__dict__.get("forward") for block in blocks]
-    for b, block in enumerate(blocks):
-        block.forward = stub(b, block, block.forward)
-    try:
-        with torch.inference_mode():
-            for start in range(0, windows.shape[0], batch_size):
-                try:
-                    model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        for block, forward in zip(blocks, own):
-            if forward is None:
-                del block.forward
-            else:
-                block.forward = forward
+    with ExitStack() as swapped, torch.inference_mode():
+        for b, block in enumerate(blocks):
+            swapped.enter_context(replaced_forward(block, stub(b, block.forward)))
+        for start in range(0, windows.shape[0], batch_size):
+            with stop_after(blocks[-1]):
+                model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
     return hidden, calls, bool(tuple_output[0])
 
 
-def _run_block(block, hidden, calls, tuple_output: bool) -> list[torch.Tensor]:
+def run_block(block: nn.Module, hidden, calls, tuple_output: bool) -> list[torch.Tensor]:
+    """``block``'s output for every batch of ``hidden``, called with the arguments
+    :func:`block_inputs` recorded for it."""
     out = []
     for x, (args, kwargs) in zip(hidden, calls):
         y = block(x, *args, **kwargs)
@@ -260,7 +248,7 @@ def _input_norms(block: nn.Module, hidden, calls, tuple_output: bool) -> dict[st
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
     try:
-        _run_block(block, hidden, calls, tuple_output)
+        run_block(block, hidden, calls, tuple_output)
     finally:
         for h in handles:
             h.remove()
@@ -296,15 +284,19 @@ def wanda_prune(model: nn.Module, windows: torch.Tensor, sparsity=0.5, *, batch_
     blocks = decoder_layers(model)
     was_training = model.training
     model.eval()
-    hidden, calls, tuple_output = _block_inputs(model, windows, batch_size)
-    with torch.inference_mode():
-        for b, block in enumerate(tqdm(blocks, desc=f"Wanda {sparsity}", disable=not progress)):
-            norms = _input_norms(block, hidden, calls[b], tuple_output)
-            for name, linear in _block_linears(block).items():
-                _apply(linear, sparsity_mask(wanda_scores(linear.weight, norms[name]), sparsity))
-            if b < len(blocks) - 1:  # the pruned outputs are the next block's inputs
-                hidden = _run_block(block, hidden, calls[b], tuple_output)
-    model.train(was_training)
+    try:
+        hidden, calls, tuple_output = block_inputs(model, windows, batch_size)
+        with torch.inference_mode():
+            for b, block in enumerate(tqdm(blocks, desc=f"Wanda {sparsity}",
+                                           disable=not progress)):
+                norms = _input_norms(block, hidden, calls[b], tuple_output)
+                for name, linear in _block_linears(block).items():
+                    _apply(linear, sparsity_mask(wanda_scores(linear.weight, norms[name]),
+                                                 sparsity))
+                if b < len(blocks) - 1:  # the pruned outputs are the next block's inputs
+                    hidden = run_block(block, hidden, calls[b], tuple_output)
+    finally:
+        model.train(was_training)
     _record(model, method="wanda", sparsity=fraction,
             structure=None if nm is None else f"{nm[0]}:{nm[1]}", per="row",
             calibration_tokens=int(windows.numel()), calibration_seq_len=int(windows.shape[1]))

@@ -1,23 +1,15 @@
-"""Tests for shortgpt_lite.compare and shortgpt_lite.quantize: every method on one budget,
-resuming an interrupted run, int8 quantization, and the errors a user can cause."""
+"""Every method on one budget: shortgpt_lite.comparison, resuming an interrupted run, and
+the errors a user can cause."""
 
 import math
-import sys
-import warnings
 
 import pytest
 import torch
 
-from shortgpt_lite.compare import METHODS, compare, prune_to_budget
-from shortgpt_lite.quantize import is_quantized, quantize_int8, serialized_bytes
+import shortgpt_lite.comparison as cmp
+from shortgpt_lite.comparison import METHODS, compare, prune_to_budget
 from shortgpt_lite.wanda import prunable_parameters
 from tiny import byte_tokenizer, tiny_llama
-
-# the module, not the function that shortgpt_lite re-exports under the same name
-cmp = sys.modules["shortgpt_lite.compare"]
-
-
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,26 +26,6 @@ SMALL = {"tasks": {"piqa": 2}, "corpora": ("wikipedia",), "calibration_windows":
 @pytest.fixture(scope="module")
 def tiny():
     return _tiny_llama(), byte_tokenizer()
-
-
-# ------------------------------------------------------------------------------ int8
-
-
-def test_int8_quantization_is_close_smaller_and_silent():
-    model = _tiny_llama(layers=2)
-    ids = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        quantized = quantize_int8(model)
-    assert not [w for w in caught if "deprecat" in str(w.message).lower()]
-    assert is_quantized(quantized) and not is_quantized(model)
-    assert type(quantized.lm_head).__name__ == "Linear"  # tied to the embedding: kept fp32
-    with torch.no_grad():
-        a, b = model(ids).logits, quantized(ids).logits
-    assert torch.allclose(a, b, atol=0.05 * a.abs().max())
-    assert serialized_bytes(quantized) < serialized_bytes(model)
-    with pytest.raises(ValueError, match="fp32"):
-        quantize_int8(model.to(torch.bfloat16))
 
 
 # --------------------------------------------------------------------------- budgets
@@ -179,3 +151,14 @@ def test_compare_on_smollm2(smollm2):
     assert df.loc["shortgpt+int8", "size_bytes"] < 0.5 * df.loc["shortgpt", "size_bytes"]
     assert df["ppl_wikipedia"].map(math.isfinite).all()
     assert model.config.num_hidden_layers == 30
+
+
+def test_int8_on_a_model_it_cannot_quantize_is_refused_before_any_work(monkeypatch):
+    model, tokenizer = _tiny_llama(layers=4).to(torch.bfloat16), byte_tokenizer()
+    pruned = []
+    monkeypatch.setattr(cmp, "prune_to_budget", lambda *a, **k: pruned.append(a) or (None, {}))
+    with pytest.raises(ValueError, match="int8, shortgpt\\+int8 need a CPU fp32 model"):
+        compare(model, tokenizer, ["dense", "wanda", "int8", "shortgpt+int8"], **SMALL)
+    assert pruned == []
+    with pytest.raises(ValueError, match="CPU fp32"):
+        prune_to_budget(model, "int8", 0.25)

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from shortgpt_lite.context import (
-    DOMAINS,
     VocabularyMap,
     context_plan,
     context_prune,
@@ -193,7 +192,13 @@ def test_bad_input_is_refused():
         context_prune(model, plan, physical=True)
     with pytest.raises(ValueError, match="empty"):
         shrink_vocabulary(model, [])
-    assert set(DOMAINS) == {"law", "medicine", "code", "economics"}
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_the_forward():
+    model = _tiny_llama(layers=1)
+    vocab = model.get_input_embeddings().num_embeddings
+    with pytest.raises(ValueError, match="another model's tokenizer"):
+        context_statistics(model, torch.full((1, 8), vocab), progress=False)
 
 
 # ------------------------------------------------------------------------ the real model

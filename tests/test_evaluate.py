@@ -6,10 +6,8 @@ ones use the bundled SmolLM2-135M (the ``smollm2`` fixture in conftest.py).
 
 import copy
 import math
-import warnings
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -75,6 +73,21 @@ def test_padding_does_not_change_scores(tiny):
     together = ev.loglikelihoods(model, tokenizer, REQUESTS, batch_size=16, progress=False)
     np.testing.assert_allclose([s for s, _ in one], [s for s, _ in together], atol=1e-4)
     assert [g for _, g in one] == [g for _, g in together]
+
+
+def test_plan_batches_shares_identical_inputs_and_pads_on_the_left(tiny):
+    model, tokenizer = tiny
+    requests = [("Is it?", "A"), ("Is it?", "B"), ("A much longer question here?", "AB")]
+    batches = ev.plan_batches(model, tokenizer, requests, batch_size=8)
+    assert len(batches) == 1
+    ids, mask, positions, keep, members = batches[0]
+    # a row is the context plus all but the last continuation token, so the two one-token
+    # answers after the same context share one row
+    assert ids.shape[0] == len(members) == 2
+    assert sorted(i for m in members for i, _ in m) == [0, 1, 2]
+    assert mask is not None and mask[0].all() and not mask[1].all()  # longest row first
+    assert positions[1, -1] == mask[1].sum() - 1
+    assert keep == max(len(cont) for m in members for _, cont in m)
 
 
 def test_trailing_space_of_the_context_moves_to_the_continuation(tiny):
@@ -176,6 +189,39 @@ def test_perplexity_is_exp_of_mean_cross_entropy_whatever_the_batch(tiny):
         assert got == pytest.approx(want, rel=1e-5)
 
 
+def test_per_window_nll_averages_to_the_perplexity(tiny):
+    model, _ = tiny
+    windows = torch.randint(0, 257, (5, 16), generator=torch.Generator().manual_seed(2))
+    result = ev.perplexity(model, windows, batch_size=2, progress=False, per_window=True)
+    with torch.no_grad():
+        logits = model(windows).logits
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), windows[:, 1:],
+                                             reduction="none").mean(dim=1)
+    np.testing.assert_allclose(result["nll_per_window"], want.double().numpy(), rtol=1e-5)
+    assert result["nll"] == pytest.approx(result["nll_per_window"].mean(), rel=1e-12)
+    assert result["batch_size"] == 2
+    assert "nll_per_window" not in ev.perplexity(model, windows, progress=False)
+
+
+def test_bootstrap_interval_resamples_the_mean():
+    values = np.random.default_rng(3).normal(2.0, 1.0, size=40)
+    low, high = ev.bootstrap_interval(values, n_boot=4000, seed=1)
+    draws = np.random.default_rng(1).integers(0, 40, size=(4000, 40))
+    want = np.percentile(values[draws].mean(axis=1), [2.5, 97.5])
+    assert (low, high) == pytest.approx(tuple(want))
+    # about mean ± 1.96 standard errors, and narrower at a lower level
+    se = values.std(ddof=1) / np.sqrt(40)
+    assert low == pytest.approx(values.mean() - 1.96 * se, abs=0.1)
+    narrow = ev.bootstrap_interval(values, n_boot=4000, seed=1, level=0.5)
+    assert low < narrow[0] < narrow[1] < high
+    # the same draws for two arrays of one length: the interval of a difference is paired
+    shifted = ev.bootstrap_interval(values + 1.0, n_boot=4000, seed=1)
+    assert shifted == pytest.approx((low + 1.0, high + 1.0))
+    assert all(math.isnan(x) for x in ev.bootstrap_interval([1.0]))
+    with pytest.raises(ValueError, match="1-D"):
+        ev.bootstrap_interval(np.ones((2, 3)))
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -203,7 +249,7 @@ def test_bad_input_gets_a_clear_error(tiny):
         ev.generation_samples(_tiny_llama(vocab_size=1000), tokenizer, ["hi"], progress=False)
 
 
-# ---------------------------------------------------------------- generation and cost
+# --------------------------------------------------------------------------- generation
 
 
 def test_generation_samples_are_greedy_and_repeatable(tiny):
@@ -215,28 +261,6 @@ def test_generation_samples_are_greedy_and_repeatable(tiny):
     assert list(first.columns) == ["prompt", "continuation", "new_tokens"]
     assert first.equals(again)
     assert (first["new_tokens"] <= 5).all()
-
-
-def test_cost_counts_parameters_and_measures_speed(tiny):
-    model, _ = tiny
-    sparse = copy.deepcopy(model)
-    with torch.no_grad():
-        sparse.model.layers[0].mlp.down_proj.weight.zero_()
-    result = ev.cost(model, seq_len=16, decode_tokens=4, repeats=2)
-    total = sum(p.numel() for p in model.parameters())
-    assert result["params_total"] == total == result["params_nonzero"]
-    assert result["weights_bytes"] >= 4 * total
-    # safetensors adds only a JSON header to the raw bytes
-    assert 0 < result["safetensors_bytes"] - 4 * total < 64_000
-    assert result["peak_memory_bytes"] >= result["weights_bytes"]
-    assert result["prefill_seconds"] > 0 and result["decode_tokens_per_s"] > 0
-    assert result["prefill_tokens"] == 16 and result["layers"] == 2
-
-    table = ev.cost({"dense": model, "sparse": sparse}, seq_len=16, decode_tokens=4, repeats=1)
-    assert isinstance(table, pd.DataFrame) and list(table.index) == ["dense", "sparse"]
-    assert table.loc["dense", "params_nonzero"] - table.loc["sparse", "params_nonzero"] == 64 * 32
-    with pytest.raises(ValueError, match="positions"):
-        ev.cost(model, seq_len=128, decode_tokens=4)
 
 
 # ----------------------------------------------------------- the bundled model (slow)
@@ -314,16 +338,3 @@ def test_wikipedia_perplexity_at_512_tokens_is_in_band(smollm2):
     windows = token_windows(tokenizer, "The cat sat on the mat. " * 200, seq_len=128,
                             max_windows=1)
     assert ev.perplexity(model, windows, progress=False)["perplexity"] < 3  # a repeated line
-
-
-def test_cost_decodes_without_deprecation_warnings(tiny, capfd):
-    """The decode loop passes the KV cache under the name this transformers version uses."""
-    from transformers.utils import logging as hf_logging
-
-    model, _ = tiny
-    hf_logging.get_logger("transformers").warning_once.cache_clear()  # warnings print once
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ev.cost(model, seq_len=8, decode_tokens=3, repeats=1)
-    messages = [str(w.message) for w in caught] + [capfd.readouterr().err]
-    assert not [m for m in messages if "deprecated" in m], messages

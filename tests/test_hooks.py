@@ -9,12 +9,15 @@ import torch.nn.functional as F
 
 from shortgpt_lite import (
     angular_distance,
+    angular_distance_per_token,
     block_influence,
+    block_influence_per_token,
     decoder_layers,
     layer_similarity,
     layer_statistics,
+    relative_magnitude_per_token,
 )
-from shortgpt_lite.hooks import iter_batches
+from shortgpt_lite.hooks import token_cosine
 from tiny import ARCHITECTURES, random_windows, tiny_model
 
 
@@ -117,12 +120,20 @@ def test_angular_over_last_token_uses_the_last_real_token():
     model = tiny_model("llama")
     ids = _windows()
     last = angular_distance(model, ids, max_n=2, tokens="last", progress=False)
-    pairs = _states_float64(model, ids[:, :])
+    pairs = _states_float64(model, ids)
     xs = [pairs[0][0]] + [y for _, y in pairs]
     expected = torch.stack([(torch.arccos(F.cosine_similarity(xs[i][:, -1], xs[i + 1][:, -1],
                                                               dim=-1).clamp(-1, 1)) / math.pi).mean()
                             for i in range(4)])
     torch.testing.assert_close(last[0].double(), expected, atol=1e-6, rtol=1e-5)
+    # right padding after each row's end: the last real token is still the one compared
+    padded = torch.cat([ids, torch.zeros_like(ids[:, :3])], dim=1)
+    mask = torch.ones_like(padded, dtype=torch.bool)
+    mask[:, -3:] = False
+    batch = [{"input_ids": padded, "attention_mask": mask}]
+    torch.testing.assert_close(angular_distance(model, batch, max_n=2, tokens="last",
+                                                progress=False), last, atol=1e-5, rtol=1e-4,
+                               equal_nan=True)
 
 
 def _rows_of_different_lengths(ids):
@@ -191,24 +202,36 @@ def test_data_forms_and_batch_sizes_agree():
                                    expected, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("bad", [torch.randn(2, 8), torch.arange(8), "some text", 3,
-                                 [{"attention_mask": torch.ones(1, 4)}]])
-def test_bad_data_is_a_value_error(bad):
-    with pytest.raises(ValueError, match="input_ids|LongTensor|integer tensor"):
-        list(iter_batches(bad))
-
-
-def test_bad_mask_and_batch_size():
+def test_bad_calibration_data_is_a_value_error():
     ids = _windows()
-    with pytest.raises(ValueError, match="attention_mask must be a tensor shaped like"):
-        list(iter_batches([{"input_ids": ids, "attention_mask": torch.ones(3, 5)}]))
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-        list(iter_batches(ids, batch_size=0))
     with pytest.raises(ValueError, match="no non-padding tokens"):
         block_influence(tiny_model("llama"), [{"input_ids": ids, "attention_mask": 0 * ids}],
                         progress=False)
     with pytest.raises(ValueError, match="angular"):
         layer_statistics(tiny_model("llama"), ids, angular=9, progress=False)
+
+
+def test_out_of_range_token_ids_are_refused_before_the_forward():
+    model = tiny_model("llama")
+    calls = []
+    model.model.embed_tokens.register_forward_hook(lambda *a: calls.append("embedding"))
+    with pytest.raises(ValueError, match="another model's tokenizer"):
+        block_influence(model, torch.full((1, 8), 10_000), progress=False)
+    assert calls == []
+
+
+def test_kernels_are_the_formulas_at_one_token():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, 16, generator=generator), torch.randn(3, 5, 16, generator=generator)
+    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+    torch.testing.assert_close(block_influence_per_token(a, b).double(), 1 - cos)
+    torch.testing.assert_close(angular_distance_per_token(a, b).double(),
+                               torch.arccos(cos) / math.pi)
+    torch.testing.assert_close(relative_magnitude_per_token(a, b).double(),
+                               (b - a).double().norm(dim=-1) / b.double().norm(dim=-1))
+    # bf16 inputs are read in fp32 chunks, and a zero state gives a finite cosine
+    assert block_influence_per_token(a.bfloat16(), b.bfloat16()).dtype == torch.float32
+    assert torch.isfinite(token_cosine(torch.zeros(2, 16), b[0, :2])).all()
 
 
 def test_pass_stops_before_the_lm_head_and_keeps_the_model_as_it_was():

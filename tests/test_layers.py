@@ -82,3 +82,44 @@ class _NotALanguageModel(nn.Module):
 def test_unknown_model_names_its_class():
     with pytest.raises(LookupError, match="_NotALanguageModel"):
         decoder_layers(_NotALanguageModel())
+
+
+# ------------------------------------------------------------------- changing a forward
+
+
+def test_stop_after_ends_the_pass_once_the_block_has_run():
+    import torch
+
+    from shortgpt_lite.layers import stop_after
+
+    model = tiny_model("llama")
+    blocks = decoder_layers(model)
+    ran = []
+    for i, block in enumerate(blocks):
+        block.register_forward_hook(lambda *a, i=i: ran.append(i))
+    model.lm_head.register_forward_hook(lambda *a: ran.append("lm_head"))
+    with stop_after(blocks[1]):
+        assert model(torch.ones(1, 4, dtype=torch.long)) is None
+    assert ran == [0, 1]  # hooks registered before still see block 1's output
+    assert all(len(b._forward_hooks) == 1 for b in blocks)  # its own hook is gone
+    model(torch.ones(1, 4, dtype=torch.long))
+    assert ran[-1] == "lm_head"
+    with pytest.raises(RuntimeError, match="other"), stop_after(blocks[0]):
+        raise RuntimeError("other errors pass through")
+
+
+def test_replaced_forward_restores_the_block_even_after_an_error():
+    from shortgpt_lite.layers import replaced_forward
+
+    model = tiny_model("llama")
+    plain, patched = decoder_layers(model)[0], decoder_layers(model)[1]
+    def own(*args, **kwargs):
+        return "accelerate's forward"
+
+    patched.forward = own
+    for block in (plain, patched):
+        with pytest.raises(ValueError), replaced_forward(block, lambda *a, **k: "stub"):
+            assert block.forward() == "stub"
+            raise ValueError
+    assert "forward" not in plain.__dict__
+    assert patched.forward is own

@@ -9,8 +9,8 @@ import torch
 import transformers as T
 
 from shortgpt_lite import decoder_layers, remove_layers
-from shortgpt_lite.hooks import cache_keyword
-from shortgpt_lite.removal import RECORD_KEY
+from shortgpt_lite.inputs import cache_keyword
+from shortgpt_lite.records import REMOVAL_RECORD
 from tiny import ARCHITECTURES, VOCAB, tiny_model
 
 
@@ -53,7 +53,7 @@ def test_save_and_reload_gives_identical_logits(name, tmp_path):
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, pruned(ids).logits)
-    assert getattr(reloaded.config, RECORD_KEY)["removed_layers"] == [1, 4]
+    assert getattr(reloaded.config, REMOVAL_RECORD)["removed_layers"] == [1, 4]
 
 
 def test_per_layer_config_lists_follow_the_removal():
@@ -144,7 +144,7 @@ def test_the_config_records_what_was_removed_in_original_numbering():
     model = tiny_model("llama", layers=8)
     once = remove_layers(model, [1, 5], scores=torch.linspace(0, 1, 8), metric="bi")
     twice = remove_layers(once, [0, 4], metric="sequential")
-    record = getattr(twice.config, RECORD_KEY)
+    record = getattr(twice.config, REMOVAL_RECORD)
     assert record["original_num_hidden_layers"] == 8
     # layers 0 and 4 of [0, 2, 3, 4, 6, 7] are the original 0 and 6
     assert record["removed_layers"] == [0, 1, 5, 6]
@@ -257,6 +257,6 @@ def test_bundled_model_pruned_by_bi_generates_and_round_trips(smollm2, tmp_path)
     reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(windows[:1]).logits, pruned(windows[:1]).logits)
-    record = getattr(reloaded.config, RECORD_KEY)
+    record = getattr(reloaded.config, REMOVAL_RECORD)
     assert record["removed_layers"] == plan
     assert record["steps"][0]["scores"] == pytest.approx(scores.tolist())

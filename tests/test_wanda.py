@@ -192,6 +192,44 @@ def test_bad_calibration_data_is_refused():
         wanda_prune(model, [[1, 2, 3]], 0.5, progress=False)
 
 
+def test_an_error_midway_leaves_the_model_in_its_training_mode(monkeypatch):
+    import shortgpt_lite.wanda as wanda
+
+    model = _tiny_llama(layers=2).train()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(wanda, "sparsity_mask", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        wanda_prune(model, _windows(), 0.5, inplace=True, progress=False)
+    assert model.training
+
+
+def test_block_inputs_replay_every_block():
+    from shortgpt_lite.layers import decoder_layers
+    from shortgpt_lite.wanda import block_inputs, run_block
+
+    model = _tiny_llama(layers=2)
+    windows = _windows(n=4)
+    states = []
+    for block in decoder_layers(model):
+        block.register_forward_hook(lambda m, a, out: states.append(out[0] if isinstance(
+            out, tuple) else out))
+    with torch.no_grad():
+        model(windows)
+    hidden, calls, tuple_output = block_inputs(model, windows, batch_size=2)
+    assert len(hidden) == 2 and not any("forward" in b.__dict__ for b in decoder_layers(model))
+    with torch.no_grad():
+        for b, block in enumerate(decoder_layers(model)):
+            states.clear()
+            hidden = run_block(block, hidden, calls[b], tuple_output)
+    with torch.no_grad():
+        states.clear()
+        model(windows)
+    torch.testing.assert_close(torch.cat(hidden), states[-1])
+
+
 def test_other_bad_input_is_refused():
     with pytest.raises(ValueError, match="multiple of M"):
         sparsity_mask(torch.rand(4, 6), "2:4")

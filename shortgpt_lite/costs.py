@@ -1,0 +1,250 @@
+"""What a model costs to store and run: parameters, bytes on disk, peak memory, prefill
+latency and decode speed.
+
+Pruning is worth doing only for what it saves, and the methods of this book save
+different things: removed layers shrink the file and every forward pass, zeroed weights
+(Wanda) shrink neither on dense hardware, int8 shrinks the file. :func:`cost` measures all
+of it the same way for any model, and :func:`prefill_and_decode` is the one timer every
+speed figure of the library and its benchmarks comes from.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .inputs import cache_keyword, input_device, max_positions, vocab_rows
+from .quantize import is_quantized
+
+__all__ = [
+    "cost",
+    "param_counts",
+    "prefill_and_decode",
+    "safetensors_bytes",
+    "serialized_bytes",
+    "synchronize",
+    "timed",
+    "weights_bytes",
+]
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so a clock read afterwards includes it (a no-op on
+    the CPU, whose work is done when the call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(f: Callable[[], object], device: torch.device) -> float:
+    """Seconds that ``f()`` takes, the device's queued work included before and after."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    f()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def prefill_and_decode(model: nn.Module, seq_len: int = 512, decode_tokens: int = 32,
+                       repeats: int = 5, seed: int = 0) -> dict:
+    """Prefill latency and decode speed at batch 1: the median of ``repeats`` runs after
+    one warm-up run (kernels, allocator, thread pool).
+
+    * ``prefill_seconds``: one forward pass over a ``seq_len``-token prompt, filling the
+      KV cache and computing the next token's logits (time to first token);
+    * ``decode_tokens_per_s``: ``decode_tokens`` greedy steps with that KV cache.
+
+    The prompt is random token ids (seeded): the speed depends on the number of tokens,
+    not on which they are. Works for any causal LM, int8-quantized ones included.
+    """
+    max_pos = max_positions(model)
+    if max_pos is not None and seq_len + decode_tokens > max_pos:
+        raise ValueError(f"A {seq_len}-token prompt plus {decode_tokens} decoded tokens needs more "
+                         f"than the model's {max_pos} positions; use a shorter seq_len.")
+    if repeats < 1 or decode_tokens < 1:
+        raise ValueError("repeats and decode_tokens must be at least 1.")
+    device = input_device(model)
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab_rows(model), (1, seq_len), generator=gen).to(device)
+    cache = cache_keyword(model)
+
+    def once(n_decode: int) -> tuple[float, float]:
+        state = {}
+
+        def prefill():
+            state["out"] = model(prompt, use_cache=True, logits_to_keep=1)
+
+        def decode():
+            out = state["out"]
+            for _ in range(n_decode):
+                token = out.logits[:, -1:].argmax(-1)
+                out = model(token, use_cache=True, **{cache: out[cache]})
+
+        return timed(prefill, device), n_decode / timed(decode, device)
+
+    with torch.inference_mode():
+        once(min(decode_tokens, 4))
+        runs = [once(decode_tokens) for _ in range(repeats)]
+    return {"prefill_seconds": statistics.median(r[0] for r in runs),
+            "decode_tokens_per_s": statistics.median(r[1] for r in runs)}
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """``(parameters present, parameters that are not zero)``, tied ones counted once
+    (``model.parameters()`` yields a shared tensor once). The second is what Wanda's
+    zeros lower; removing layers lowers both."""
+    params = list(model.parameters())
+    return (sum(p.numel() for p in params), sum(int(torch.count_nonzero(p)) for p in params))
+
+
+def weights_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers in memory, each storage counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def safetensors_bytes(model: nn.Module) -> int:
+    """Size of the model written as one safetensors file (shared tensors stored once)."""
+    from safetensors.torch import save_model
+
+    with tempfile.TemporaryDirectory(prefix="shortgpt-lite-size-") as tmp:
+        path = Path(tmp) / "model.safetensors"
+        save_model(model, str(path))
+        return path.stat().st_size
+
+
+def serialized_bytes(model: nn.Module) -> int:
+    """Bytes of the model on disk: one safetensors file for a plain model (shared tensors
+    stored once), a ``torch.save`` state dict for a quantized one (safetensors cannot
+    hold packed int8 weights)."""
+    if not is_quantized(model):
+        return safetensors_bytes(model)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _rss(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class _PeakMemory:
+    """Extra memory at peak while the block runs, beyond what was in use when it began.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak. CPU (Linux):
+    the process's resident-set high-water mark ``VmHWM``, reset by writing 5 to
+    ``/proc/self/clear_refs``, minus the resident set at the start. Elsewhere ``extra``
+    is NaN.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "unavailable"
+        self.extra = math.nan
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            self.kind = "cuda max_memory_allocated"
+        elif self.device.type == "cpu" and os.access(_CLEAR_REFS, os.W_OK):
+            _CLEAR_REFS.write_text("5")
+            self.start = _rss("VmRSS")
+            self.kind = "process peak RSS (VmHWM)" if self.start is not None else "unavailable"
+        return self
+
+    def __exit__(self, *exc):
+        if self.kind.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+            self.extra = torch.cuda.max_memory_allocated(self.device) - self.start
+        elif self.kind.startswith("process"):
+            peak = _rss("VmHWM")
+            self.extra = max(0, peak - self.start) if peak is not None else math.nan
+        return False
+
+
+# -------------------------------------------------------------------------------- cost
+
+
+def _cost_one(model, seq_len: int, decode_tokens: int, repeats: int, seed: int) -> dict:
+    device = input_device(model)
+    with _PeakMemory(device) as peak:
+        speed = prefill_and_decode(model, seq_len, decode_tokens, repeats, seed)
+    total, nonzero = param_counts(model)
+    weights = weights_bytes(model)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    return {
+        "layers": getattr(config, "num_hidden_layers", None),
+        "params_total": total,
+        "params_nonzero": nonzero,
+        "safetensors_bytes": safetensors_bytes(model),
+        "weights_bytes": weights,
+        "peak_memory_bytes": weights + peak.extra,
+        "peak_memory_measure": peak.kind,
+        "prefill_tokens": seq_len,
+        **speed,
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "repeats": repeats,
+    }
+
+
+def cost(model, seq_len: int = 512, decode_tokens: int = 32, repeats: int = 5,
+         seed: int = 0):
+    """What a model costs to store and run, measured on the device it is on.
+
+    * ``params_total`` and ``params_nonzero``: :func:`param_counts`;
+    * ``safetensors_bytes``: the size of the model written as one safetensors file (it
+      is written to a temporary folder and measured); ``weights_bytes``: parameters and
+      buffers in memory;
+    * ``peak_memory_bytes``: ``weights_bytes`` plus the extra memory at the peak of the
+      prefill and decode runs. On CUDA the extra is from
+      ``torch.cuda.max_memory_allocated``; on a Linux CPU it is the growth of the process's
+      peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``), which counts
+      every allocation including the allocator's slack. ``peak_memory_measure`` says which;
+    * ``prefill_seconds`` and ``decode_tokens_per_s``: :func:`prefill_and_decode`.
+
+    ``model`` is one model (returns a dict) or a mapping ``{name: model}`` (returns a
+    DataFrame indexed by name, so a dense and a pruned model sit side by side).
+    """
+    if isinstance(model, Mapping):
+        if not model:
+            raise ValueError("No models given; pass a model or a dict {name: model}.")
+        rows = {name: _cost_one(m, seq_len, decode_tokens, repeats, seed)
+                for name, m in tqdm(model.items(), desc="cost", disable=len(model) < 2)}
+        return pd.DataFrame.from_dict(rows, orient="index")
+    return _cost_one(model, seq_len, decode_tokens, repeats, seed)

@@ -1,0 +1,89 @@
+"""What a model costs: parameters, bytes, peak memory, and the one prefill/decode timer."""
+
+import copy
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+
+import shortgpt_lite.costs as costs
+from shortgpt_lite.costs import (
+    cost,
+    param_counts,
+    prefill_and_decode,
+    serialized_bytes,
+    timed,
+)
+from shortgpt_lite.quantize import quantize_int8
+from tiny import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(vocab_size=257, layers=2, max_positions=128), None
+
+
+def test_cost_counts_parameters_and_measures_speed(tiny):
+    model, _ = tiny
+    sparse = copy.deepcopy(model)
+    with torch.no_grad():
+        sparse.model.layers[0].mlp.down_proj.weight.zero_()
+    result = cost(model, seq_len=16, decode_tokens=4, repeats=2)
+    total = sum(p.numel() for p in model.parameters())
+    assert result["params_total"] == total == result["params_nonzero"]
+    assert result["weights_bytes"] >= 4 * total
+    # safetensors adds only a JSON header to the raw bytes
+    assert 0 < result["safetensors_bytes"] - 4 * total < 64_000
+    assert result["peak_memory_bytes"] >= result["weights_bytes"]
+    assert result["prefill_seconds"] > 0 and result["decode_tokens_per_s"] > 0
+    assert result["prefill_tokens"] == 16 and result["layers"] == 2
+
+    table = cost({"dense": model, "sparse": sparse}, seq_len=16, decode_tokens=4, repeats=1)
+    assert isinstance(table, pd.DataFrame) and list(table.index) == ["dense", "sparse"]
+    assert table.loc["dense", "params_nonzero"] - table.loc["sparse", "params_nonzero"] == 64 * 32
+    with pytest.raises(ValueError, match="positions"):
+        cost(model, seq_len=128, decode_tokens=4)
+
+
+def test_cost_decodes_without_deprecation_warnings(tiny, capfd):
+    """The decode loop passes the KV cache under the name this transformers version uses."""
+    from transformers.utils import logging as hf_logging
+
+    model, _ = tiny
+    hf_logging.get_logger("transformers").warning_once.cache_clear()  # warnings print once
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cost(model, seq_len=8, decode_tokens=3, repeats=1)
+    messages = [str(w.message) for w in caught] + [capfd.readouterr().err]
+    assert not [m for m in messages if "deprecated" in m], messages
+
+
+def test_param_counts_count_tied_weights_once_and_zeros_apart():
+    tied = tiny_llama(vocab_size=257, layers=2, tie=True)
+    total, nonzero = param_counts(tied)
+    assert total == sum(p.numel() for p in tied.parameters()) == nonzero
+    untied = tiny_llama(vocab_size=257, layers=2, tie=False)
+    assert param_counts(untied)[0] - total == 257 * 32  # a second 257 x 32 head
+    with torch.no_grad():
+        tied.model.layers[0].mlp.up_proj.weight[:3].zero_()
+    assert param_counts(tied) == (total, total - 3 * 32)
+
+
+def test_one_timer_for_float_and_int8_models(tiny):
+    model, _ = tiny
+    for m in (model, quantize_int8(model)):
+        speed = prefill_and_decode(m, seq_len=8, decode_tokens=3, repeats=2)
+        assert set(speed) == {"prefill_seconds", "decode_tokens_per_s"}
+        assert speed["prefill_seconds"] > 0 and speed["decode_tokens_per_s"] > 0
+    with pytest.raises(ValueError, match="at least 1"):
+        prefill_and_decode(model, seq_len=8, decode_tokens=0)
+    assert serialized_bytes(quantize_int8(model)) < serialized_bytes(model)
+
+
+def test_timed_waits_for_the_device_and_measures_the_call(monkeypatch):
+    synced = []
+    monkeypatch.setattr(costs, "synchronize", lambda device: synced.append(device))
+    device = torch.device("cpu")
+    assert timed(lambda: sum(range(10_000)), device) > 0
+    assert synced == [device, device]
