@@ -1,0 +1,10 @@
+"""Benchmarks: ``python -m shortgpt_lite.bench NAME``.
+
+Each benchmark measures the real thing side by side in one process and prints a table
+that can be pasted into the README together with the machine it ran on.
+"""
+
+from . import bi, context, cost, eval, load, wanda  # noqa: F401 (each registers its benchmark)
+from .common import BENCHES, benchmark, machine
+
+__all__ = ["BENCHES", "benchmark", "machine"]

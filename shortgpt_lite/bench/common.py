@@ -1,0 +1,67 @@
+"""What every benchmark shares: the registry, the one-line machine description, and the
+timing of several approaches side by side."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+
+import torch
+
+from ..costs import timed
+
+BENCHES: dict = {}
+
+
+def benchmark(name: str, help: str):
+    """Register a benchmark function ``f(args) -> None`` under ``name``."""
+
+    def register(f):
+        BENCHES[name] = (f, help)
+        return f
+
+    return register
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """One line naming the machine, for the README next to the figures."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"{gpu}, torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def interleaved_times(runs: dict, repeats: int, device) -> dict:
+    """``{name: [seconds per repeat]}`` for each ``runs[name]()``, after one warm-up of
+    each. Interleaving spreads any slowdown from other processes over all approaches alike."""
+    for f in runs.values():
+        f()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, f in runs.items():
+            times[name].append(timed(f, device))
+    return times
+
+
+def print_times(times: dict, tokens: int) -> None:
+    """A table of median and fastest times, throughput, and speed relative to the first
+    approach (the bare one)."""
+    med = {name: statistics.median(t) for name, t in times.items()}
+    best = {name: min(t) for name, t in times.items()}
+    base = next(iter(times))
+    print(f"{'approach':<34} {'median s':>9} {'tokens/s':>9} {'x bare':>7} {'min s':>7} "
+          f"{'x bare':>7}")
+    for name in times:
+        print(f"{name:<34} {med[name]:>9.2f} {tokens / med[name]:>9.0f} "
+              f"{med[base] / med[name]:>7.3f} {best[name]:>7.2f} {best[base] / best[name]:>7.3f}")
