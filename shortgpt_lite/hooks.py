@@ -97,8 +97,10 @@ def angular_distance_per_token(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``cos(a_t, b_t) = a_tᵀb_t / (‖a_t‖ ‖b_t‖)`` at each token, norms clamped away
     from zero."""
-    return _per_token(a, b, lambda x, y: torch.linalg.vecdot(x, y) / (_norm(x) * _norm(y))
-                      .clamp_min(_EPS))
+    def cosine(x, y):
+        return torch.linalg.vecdot(x, y) / (_norm(x) * _norm(y)).clamp_min(_EPS)
+
+    return _per_token(a, b, cosine)
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:

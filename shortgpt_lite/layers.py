@@ -1,4 +1,5 @@
-"""Find the decoder blocks of any Hugging Face causal LM.
+"""The decoder blocks of any Hugging Face causal LM: find them, end a pass after one, swap
+one's forward.
 
 Depth pruning works on the sequence of decoder blocks ``x_{i+1} = x_i + f_i(x_i)``.
 Every architecture keeps that sequence in an ``nn.ModuleList``, but under a different

@@ -10,6 +10,8 @@ import statistics
 import torch
 
 from ..costs import timed
+from ..data import load_text, token_windows
+from ..models import load_model
 
 BENCHES: dict = {}
 
@@ -40,6 +42,15 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
             f"{gpu}, torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def model_and_windows(args, split: str, default_tokens: int):
+    """The model of ``--model/--device/--dtype``, its tokenizer, and ``--tokens`` (else
+    ``default_tokens``) of Wikipedia's ``split`` half in windows of ``--seq-len``."""
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    windows = token_windows(tokenizer, load_text("wikipedia", split), args.seq_len,
+                            max_windows=max(1, (args.tokens or default_tokens) // args.seq_len))
+    return model, tokenizer, windows
 
 
 def interleaved_times(runs: dict, repeats: int, device) -> dict:

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from ..data import load_benchmark, load_text, token_windows
+from ..data import load_benchmark
 from ..evaluate import loglikelihoods, perplexity, plan_batches
 from ..inputs import input_device
-from ..models import load_model
-from .common import benchmark, interleaved_times, machine, print_times
+from .common import benchmark, interleaved_times, machine, model_and_windows, print_times
 
 # A mix of prompt shapes: short two-way (PIQA), long four-way (HellaSwag), short four-way
 # (ARC), one-token answers sharing one row (BoolQ, MMLU).
@@ -20,11 +19,8 @@ MIX = {"piqa": 16, "hellaswag": 8, "arc_easy": 8, "boolq": 4, "mmlu": 4}
 @benchmark("eval", "perplexity and multiple-choice scoring vs bare forward passes of the same "
                    "batches (token throughput)")
 def bench_eval(args) -> None:
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer, windows = model_and_windows(args, "evaluation", 2048)
     device = input_device(model)
-    tokens = args.tokens or 2048
-    windows = token_windows(tokenizer, load_text("wikipedia", "evaluation"), args.seq_len,
-                            max_windows=max(1, tokens // args.seq_len))
     # perplexity() picks its own batch size when none is given; this first call tells which
     ppl_batch = args.batch_size or perplexity(model, windows, progress=False)["batch_size"]
     choice_batch = args.batch_size or 16

@@ -11,12 +11,10 @@ from functools import partial
 import torch
 
 from ..costs import timed
-from ..data import load_text, token_windows
 from ..inputs import input_device
 from ..layers import decoder_layers
-from ..models import load_model
 from ..wanda import block_inputs, run_block, sparsity_report, wanda_prune
-from .common import benchmark, machine
+from .common import benchmark, machine, model_and_windows
 
 
 def wanda_passes(model, windows, batch_size: int) -> None:
@@ -34,11 +32,9 @@ def wanda_passes(model, windows, batch_size: int) -> None:
 @benchmark("wanda", "Wanda's time against the calibration forward passes alone "
                     "(default 64 x 512 tokens; --repeats timed runs of each)")
 def bench_wanda(args) -> None:
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, _, windows = model_and_windows(args, "calibration", 64 * 512)
     device = input_device(model)
     batch_size = args.batch_size or 8
-    windows = token_windows(tokenizer, load_text("wikipedia", "calibration"), args.seq_len,
-                            max_windows=max(1, (args.tokens or 64 * 512) // args.seq_len))
 
     def plain_forward():
         with torch.inference_mode():
