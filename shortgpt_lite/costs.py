@@ -28,6 +28,7 @@ from .inputs import cache_keyword, input_device, max_positions, vocab_rows
 from .quantize import is_quantized
 
 __all__ = [
+    "PeakMemory",
     "cost",
     "param_counts",
     "prefill_and_decode",
@@ -160,35 +161,42 @@ def _rss(field: str) -> int | None:
     return None
 
 
-class _PeakMemory:
+class PeakMemory:
     """Extra memory at peak while the block runs, beyond what was in use when it began.
 
     CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak. CPU (Linux):
     the process's resident-set high-water mark ``VmHWM``, reset by writing 5 to
     ``/proc/self/clear_refs``, minus the resident set at the start. Elsewhere ``extra``
-    is NaN.
+    is NaN. ``start`` is what was in use at the start (allocated CUDA memory, or the
+    resident set), ``kind`` says which measure was used::
+
+        with PeakMemory(device) as peak:
+            model(ids)
+        peak.start + peak.extra  # the peak
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.kind = "unavailable"
+        self.start = math.nan
         self.extra = math.nan
 
     def __enter__(self):
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
             self.kind = "cuda max_memory_allocated"
         elif self.device.type == "cpu" and os.access(_CLEAR_REFS, os.W_OK):
             _CLEAR_REFS.write_text("5")
-            self.start = _rss("VmRSS")
-            self.kind = "process peak RSS (VmHWM)" if self.start is not None else "unavailable"
+            start = _rss("VmRSS")
+            if start is not None:
+                self.start, self.kind = start, "process peak RSS (VmHWM)"
         return self
 
     def __exit__(self, *exc):
         if self.kind.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
+            synchronize(self.device)
             self.extra = torch.cuda.max_memory_allocated(self.device) - self.start
         elif self.kind.startswith("process"):
             peak = _rss("VmHWM")
@@ -201,7 +209,7 @@ class _PeakMemory:
 
 def _cost_one(model, seq_len: int, decode_tokens: int, repeats: int, seed: int) -> dict:
     device = input_device(model)
-    with _PeakMemory(device) as peak:
+    with PeakMemory(device) as peak:
         speed = prefill_and_decode(model, seq_len, decode_tokens, repeats, seed)
     total, nonzero = param_counts(model)
     weights = weights_bytes(model)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from ..costs import synchronize
+from ..costs import PeakMemory, synchronize
 from ..data import load_text, token_windows
 from ..hooks import block_influence
 from ..inputs import input_device
@@ -107,46 +106,31 @@ def run_approach(name: str, model, windows, batch_size: int) -> None:
 # ---------------------------------------------------------------------- peak memory
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
+def measure_memory(name: str, model, windows, batch_size: int, device) -> dict:
+    """``{"peak", "loaded", "method"}`` of one pass of approach ``name``: the memory in use
+    before it, and at its peak (:class:`shortgpt_lite.costs.PeakMemory`)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    with PeakMemory(device) as peak:
+        run_approach(name, model, windows, batch_size)
+    return {"peak": peak.start + peak.extra, "loaded": peak.start, "method": peak.kind}
 
 
 def memory_child() -> None:
-    """Run one approach in this fresh process and print its peak resident memory as JSON.
+    """Run one approach in this fresh process and print :func:`measure_memory` as JSON.
 
-    The settings are the JSON in ``sys.argv[1]``. Linux resets a process's peak RSS
-    (VmHWM) when "5" is written to /proc/self/clear_refs, so the peak of the pass itself
-    is measured, not the peak of loading the model. Where that is not allowed, ru_maxrss
-    (peak since the start) is used.
+    The settings are the JSON in ``sys.argv[1]``. On Linux the process's peak RSS is reset
+    just before the pass, so the peak of the pass itself is measured, not the peak of
+    loading the model.
     """
     settings = json.loads(sys.argv[1])
     torch.set_num_threads(settings["threads"])
     model, windows = setup(settings)
     name = settings["approach"]
     run_approach(name, model, windows[:1, :16], 1)  # one-time library set-up, alike for all
-    gc.collect()
-    loaded = _rss_bytes()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        method = "VmHWM after clear_refs"
-    except OSError:
-        method = "ru_maxrss"
-    run_approach(name, model, windows, settings["batch_size"])
-    if method == "ru_maxrss":
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    else:
-        peak = _peak_rss_bytes()
-    print(json.dumps({"peak": peak, "loaded": loaded, "method": method}))
+    print(json.dumps(measure_memory(name, model, windows, settings["batch_size"],
+                                    torch.device("cpu"))))
 
 
 def memory_cpu(settings: dict) -> dict:
@@ -164,22 +148,6 @@ def memory_cpu(settings: dict) -> dict:
         if child.returncode != 0:
             raise RuntimeError(f"The memory run of {name!r} failed:\n{child.stderr[-3000:]}")
         result[name] = json.loads(child.stdout.strip().splitlines()[-1])
-    return result
-
-
-def memory_cuda(model, windows, batch_size: int, device) -> dict:
-    """``{approach: {"peak", "loaded", "method"}}`` from the CUDA allocator, in this process."""
-    result = {}
-    for name in APPROACHES:
-        gc.collect()
-        torch.cuda.empty_cache()
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        loaded = torch.cuda.memory_allocated(device)
-        run_approach(name, model, windows, batch_size)
-        synchronize(device)
-        result[name] = {"peak": torch.cuda.max_memory_allocated(device), "loaded": loaded,
-                        "method": "torch.cuda.max_memory_allocated"}
     return result
 
 
@@ -218,7 +186,8 @@ def bench_bi(args) -> None:
     cpu = {name: min(t) for name, t in cpu_times.items()}
 
     if device.type == "cuda":
-        memory = memory_cuda(model, windows, batch_size, device)
+        memory = {name: measure_memory(name, model, windows, batch_size, device)
+                  for name in APPROACHES}
     else:
         del model
         memory = memory_cpu(settings)
