@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .inputs import cache_keyword, input_device, max_positions, vocab_rows
+from .layers import num_layers
 from .quantize import is_quantized
 
 __all__ = [
@@ -213,10 +214,8 @@ def _cost_one(model, seq_len: int, decode_tokens: int, repeats: int, seed: int) 
         speed = prefill_and_decode(model, seq_len, decode_tokens, repeats, seed)
     total, nonzero = param_counts(model)
     weights = weights_bytes(model)
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-        else model.config
     return {
-        "layers": getattr(config, "num_hidden_layers", None),
+        "layers": num_layers(model),
         "params_total": total,
         "params_nonzero": nonzero,
         "safetensors_bytes": safetensors_bytes(model),

@@ -17,7 +17,7 @@ it measures:
 * ``bootstrap_interval`` and ``binomial_ci``: the 95% intervals every comparison in the
   book stands on, over evaluation windows and over benchmark items.
 
-What a model costs to store and run is measured in :mod:`shortgpt_lite.cost`. Results
+What a model costs to store and run is measured in :mod:`shortgpt_lite.costs`. Results
 are plain dicts or pandas DataFrames that seaborn plots directly.
 """
 
