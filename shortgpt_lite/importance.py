@@ -34,6 +34,7 @@ from .evaluate import token_nll
 from .hooks import layer_statistics
 from .inputs import iter_batches, model_inputs
 from .layers import decoder_layers, replaced_forward
+from .prefix import SharedPrefix
 
 __all__ = ["METRICS", "layer_importance", "layers_to_remove", "skip_layer"]
 
@@ -47,6 +48,9 @@ METRICS = {
     "ppl": "perplexity with the layer skipped (Shortened LLaMA)",
     "taylor": "first-order Taylor importance sum |w * dL/dw| of the block (Shortened LLaMA)",
 }
+
+# Above this many bytes of recorded hidden states, the ppl metric runs every skip in full.
+_PREFIX_BYTES = 4 * 2**30
 
 _NEEDS_DATA = {"bi", "angular", "relative_magnitude", "ppl", "taylor"}
 
@@ -129,27 +133,6 @@ def _masked_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> 
     return torch.where(valid, nll, 0.0).sum(), int(valid.sum())
 
 
-def _output_formats(model: nn.Module, layers: nn.ModuleList, batch) -> list:
-    """What each block returns: ``None`` for a bare tensor, else the tuple's length."""
-    formats: list = [None] * len(layers)
-
-    def record(i):
-        def hook(module, args, output):
-            formats[i] = len(output) if isinstance(output, (tuple, list)) else None
-        return hook
-
-    ids, mask = batch
-    handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            probe = (ids[:1, : min(8, ids.shape[1])], mask[:1, : min(8, ids.shape[1])])
-            model(**model_inputs(model, *probe))
-    finally:
-        for h in handles:
-            h.remove()
-    return formats
-
-
 @contextmanager
 def skip_layer(layer: nn.Module, returns_tuple_of: int | None = None):
     """Make ``layer`` return its input unchanged, in the output format of the block
@@ -167,29 +150,45 @@ def skip_layer(layer: nn.Module, returns_tuple_of: int | None = None):
 
 
 def _perplexity_without_each_layer(model, data, batch_size, progress) -> torch.Tensor:
-    """``PPL_i = exp( Σ NLL / #tokens )`` on ``data`` with layer ``i`` skipped."""
+    """``PPL_i = exp( Σ NLL / #tokens )`` on ``data`` with layer ``i`` alone skipped.
+
+    Skipping layer ``i`` leaves layers ``0 .. i-1`` as they were, so one unpruned pass
+    records the state entering every layer and each skip starts there
+    (:class:`shortgpt_lite.prefix.SharedPrefix`): about ``L/2 + 1`` passes instead of
+    ``L``. When those states would take more than ``_PREFIX_BYTES`` (a large model on much
+    data), every skip runs the whole model instead.
+    """
     layers = decoder_layers(model)
     batches = list(iter_batches(data, batch_size))
-    formats = _output_formats(model, layers, batches[0])
+    width = getattr(getattr(model, "config", None), "hidden_size", None) or 0
+    states = sum(int(ids.numel()) for ids, _ in batches) * width * (len(layers) - 1) \
+        * next(model.parameters()).element_size()
+    prefix = SharedPrefix(model, range(1, len(layers)) if states <= _PREFIX_BYTES else [])
     was_training = model.training
     model.eval()
-    scores = []
-    bar = tqdm(total=len(layers) * len(batches), desc="perplexity without each layer",
+
+    def nll_of_data():
+        nll, count = 0.0, 0
+        for ids, mask in batches:
+            logits = model(**model_inputs(model, ids, mask)).logits
+            s, c = _masked_nll(logits, ids, mask)
+            nll, count = nll + float(s), count + c
+            bar.update()
+        if count == 0:
+            raise ValueError("The data has no pair of consecutive real tokens to score a "
+                             "perplexity on.")
+        return nll / count
+
+    bar = tqdm(total=(len(layers) + 1) * len(batches), desc="perplexity without each layer",
                unit="batch", disable=not progress)
+    scores = []
     try:
         with torch.no_grad():
-            for i, layer in enumerate(layers):
-                nll, count = 0.0, 0
-                with skip_layer(layer, formats[i]):
-                    for ids, mask in batches:
-                        logits = model(**model_inputs(model, ids, mask)).logits
-                        s, c = _masked_nll(logits, ids, mask)
-                        nll, count = nll + float(s), count + c
-                        bar.update()
-                if count == 0:
-                    raise ValueError("The data has no pair of consecutive real tokens to "
-                                     "score a perplexity on.")
-                scores.append(math.exp(nll / count))
+            with prefix.recording():
+                nll_of_data()
+            for i in range(len(layers)):
+                with prefix.removed([i]):
+                    scores.append(math.exp(nll_of_data()))
     finally:
         bar.close()
         model.train(was_training)

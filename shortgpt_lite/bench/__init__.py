@@ -4,7 +4,8 @@ Each benchmark measures the real thing side by side in one process and prints a 
 that can be pasted into the README together with the machine it ran on.
 """
 
+from ..provenance import machine
 from . import bi, context, cost, eval, load, wanda  # noqa: F401 (each registers its benchmark)
-from .common import BENCHES, benchmark, machine
+from .common import BENCHES, benchmark
 
 __all__ = ["BENCHES", "benchmark", "machine"]

@@ -25,7 +25,8 @@ from ..hooks import block_influence
 from ..inputs import input_device
 from ..layers import decoder_layers, stop_after
 from ..models import load_model, pick_device, resolve_dtype
-from .common import benchmark, machine
+from ..provenance import machine
+from .common import benchmark
 
 # Random-weight models of a known shape (``--shapes``): timing and memory depend on the
 # shape, not on the weights, so a GPU owner can measure a 7B model without downloading it.

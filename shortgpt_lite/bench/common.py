@@ -3,11 +3,7 @@ timing of several approaches side by side."""
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
-
-import torch
 
 from ..costs import timed
 from ..data import load_text, token_windows
@@ -24,24 +20,6 @@ def benchmark(name: str, help: str):
         return f
 
     return register
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    """One line naming the machine, for the README next to the figures."""
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-            f"{gpu}, torch {torch.__version__}, Python {platform.python_version()}")
 
 
 def model_and_windows(args, split: str, default_tokens: int):

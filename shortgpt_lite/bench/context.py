@@ -9,7 +9,8 @@ from ..context import context_plan, context_prune, context_statistics, domain_wi
 from ..costs import prefill_and_decode
 from ..inputs import input_device
 from ..models import load_model
-from .common import benchmark, machine
+from ..provenance import machine
+from .common import benchmark
 
 DECODE_TOKENS = 32
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from ..costs import cost
 from ..models import load_model
-from .common import benchmark, machine
+from ..provenance import machine
+from .common import benchmark
 
 
 @benchmark("cost", "cost(): parameters, safetensors size, peak memory, prefill and decode speed")

@@ -9,7 +9,8 @@ import torch
 from ..data import load_benchmark
 from ..evaluate import loglikelihoods, perplexity, plan_batches
 from ..inputs import input_device
-from .common import benchmark, interleaved_times, machine, model_and_windows, print_times
+from ..provenance import machine
+from .common import benchmark, interleaved_times, model_and_windows, print_times
 
 # A mix of prompt shapes: short two-way (PIQA), long four-way (HellaSwag), short four-way
 # (ARC), one-token answers sharing one row (BoolQ, MMLU).

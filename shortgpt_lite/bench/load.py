@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 from ..models import load_model
-from .common import benchmark, machine
+from ..provenance import machine
+from .common import benchmark
 
 _SNIPPET = """
 import time, sys

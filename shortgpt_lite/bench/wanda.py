@@ -13,8 +13,9 @@ import torch
 from ..costs import timed
 from ..inputs import input_device
 from ..layers import decoder_layers
+from ..provenance import machine
 from ..wanda import block_inputs, run_block, sparsity_report, wanda_prune
-from .common import benchmark, machine, model_and_windows
+from .common import benchmark, model_and_windows
 
 
 def wanda_passes(model, windows, batch_size: int) -> None:

@@ -1,0 +1,550 @@
+"""Reference runs: named experiments, from parameters to tidy tables, stored with their
+provenance so that a chapter's conclusions rest on measurements anyone can regenerate.
+
+An experiment is a function of a model and parameters that writes one or more tables of
+per-window and per-item rows (not only means, so that two variants can be compared with a
+*paired* bootstrap over the same windows or items). :func:`run` computes it into
+``results/<model>/<name>/``: one CSV per table and ``provenance.json`` with every
+parameter, the library version and git commit, torch and transformers versions, the
+device, dtype and machine, the wall time and the date. Rows are appended as each pruned
+model is measured, so an interrupted run resumes where it stopped.
+
+:func:`reference` is what a chapter calls: it loads the stored result when one exists for
+exactly this model and these parameters, and otherwise computes it (into the user's cache,
+so a papermill rerun on a hub model on a GPU gets its own reference run, once).
+
+:func:`check` recomputes a small deterministic slice of a stored result with the current
+library and says where it disagrees; the test suite runs it for every stored result.
+
+The command line: ``shortgpt-lite experiment removal --model smollm2-135m --out results``;
+``make results`` regenerates every stored result (:data:`STANDARD`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .data import load_benchmark, load_text, token_windows
+from .evaluate import bootstrap_interval, perplexity, score_items
+from .hooks import layer_statistics
+from .importance import layer_importance, layers_to_remove
+from .layers import decoder_layers
+from .models import cache_dir, load_model, pick_device
+from .prefix import SharedPrefix, first_removed
+from .provenance import environment
+
+__all__ = ["EXPERIMENTS", "STANDARD", "Result", "check", "paired_difference", "reference",
+           "results_dirs", "run", "standard_params"]
+
+RESULTS_ENV = "SHORTGPT_LITE_RESULTS"
+REPO_RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+# ShortGPT removes 9 of Llama-2-7B's 32 layers (Men et al. 2024, Table 3); the same share
+# of another model's depth is where its accuracy is measured.
+PAPER_SHARE = 9 / 32
+
+
+# ------------------------------------------------------------------------------ store
+
+
+def _safe(model: str) -> str:
+    return model.replace("/", "__")
+
+
+def params_key(params: dict) -> str:
+    """A short hash of the parameters, as canonical JSON: the stored file's key."""
+    text = json.dumps(params, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _plan_text(plan) -> str:
+    return " ".join(str(int(i)) for i in plan)
+
+
+def _plan_layers(text) -> tuple[int, ...]:
+    if isinstance(text, float) and math.isnan(text):
+        return ()
+    return tuple(int(i) for i in str(text).split())
+
+
+class _Store:
+    """One experiment's folder: tables as CSV, appended row group by row group."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def file(self, table: str) -> Path:
+        return self.path / f"{table}.csv"
+
+    def read(self, table: str) -> pd.DataFrame | None:
+        f = self.file(table)
+        if not f.exists():
+            return None
+        df = pd.read_csv(f, dtype={"removed": str, "loglikelihoods": str})
+        if "removed" in df:
+            df["removed"] = df["removed"].fillna("")
+        return df
+
+    def append(self, table: str, rows: pd.DataFrame) -> None:
+        f = self.file(table)
+        rows.to_csv(f, mode="a", header=not f.exists(), index=False, float_format="%.9g")
+
+    def done(self, table: str, column: str = "removed") -> set:
+        df = self.read(table)
+        return set() if df is None else set(df[column])
+
+
+@dataclass
+class Result:
+    """A stored or freshly computed reference run: its tables and provenance."""
+
+    name: str
+    model: str
+    params: dict
+    tables: dict[str, pd.DataFrame]
+    provenance: dict
+    path: Path | None = None
+
+    def __getitem__(self, table: str) -> pd.DataFrame:
+        return self.tables[table]
+
+    @property
+    def caption(self) -> str:
+        """One line under a figure: the command that reproduces it, the machine, the time."""
+        p = self.provenance
+        env = p.get("environment", {})
+        where = env.get("gpu") or env.get("cpu", "unknown machine")
+        minutes = p.get("seconds", float("nan")) / 60
+        head, _, dirty = (env.get("commit") or "no commit").partition("+")
+        commit = head[:12] + (f"+{dirty}" if dirty else "")
+        return (f"Reference run: `{p.get('command')}` ({p.get('device')}, {p.get('dtype')}, "
+                f"{where}; {minutes:.0f} min; {p.get('finished', '')[:10]}; commit {commit})")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A named experiment: ``compute(model, tokenizer, store, progress, **params)`` writes
+    its tables; ``check(model, tokenizer, result)`` recomputes a slice and returns the
+    problems it finds (an empty list when the stored rows reproduce)."""
+
+    name: str
+    description: str
+    compute: Callable = field(repr=False)
+    check: Callable = field(repr=False)
+    defaults: dict = field(default_factory=dict)
+    tables: tuple[str, ...] = ()
+
+    def params(self, overrides: dict) -> dict:
+        unknown = sorted(set(overrides) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"Experiment {self.name!r} has no parameter {', '.join(unknown)}. "
+                             f"Its parameters: {', '.join(self.defaults)}.")
+        merged = {**self.defaults, **overrides}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in merged.items()}
+
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def _experiment(name: str) -> Experiment:
+    if name not in EXPERIMENTS:
+        raise ValueError(f"Unknown experiment {name!r}. Choose one of: {', '.join(EXPERIMENTS)}.")
+    return EXPERIMENTS[name]
+
+
+# ---------------------------------------------------------------- the removal experiment
+#
+# Plans from every importance metric, for k = 0 .. max_remove: perplexity of every plan on
+# each evaluation window, accuracy of the plans at k = 0, the paper's share and max_remove
+# on each benchmark item. Every plan is measured on the same windows and the same items.
+
+REMOVAL_METRICS = ["bi", "angular", "gromov", "relative_magnitude", "ppl", "taylor",
+                   "sequential", "reverse", "random"]
+
+
+def _orderings(metrics, random_seeds: int) -> list[str]:
+    out = []
+    for m in metrics:
+        out += [f"random:{s}" for s in range(random_seeds)] if m == "random" else [m]
+    return out
+
+
+def _removal_scores(model, calibration, orderings, max_remove, progress) -> pd.DataFrame:
+    """One row per (ordering, run_length, layer): the score that ordering removes by.
+    ``gromov`` rows hold d(x_ℓ, x_{ℓ+n}) for every run length n (Gromov et al. 2024)."""
+    rows = []
+    for o in tqdm(orderings, desc="scoring layers", disable=not progress):
+        if o == "gromov":
+            stats = layer_statistics(model, calibration, angular=max_remove, pair_tokens="all",
+                                     progress=False)
+            for n, row in enumerate(stats.angular_distance.tolist(), start=1):
+                rows += [{"ordering": o, "run_length": n, "layer": i, "score": s}
+                         for i, s in enumerate(row) if not math.isnan(s)]
+            continue
+        metric, _, seed = o.partition(":")
+        scores = layer_importance(model, calibration, metric, seed=int(seed or 0),
+                                  tokens="all", progress=False)
+        rows += [{"ordering": o, "run_length": 1, "layer": i, "score": float(s)}
+                 for i, s in enumerate(scores)]
+    return pd.DataFrame(rows)
+
+
+def removal_plan(scores: pd.DataFrame, ordering: str, k: int) -> list[int]:
+    """The ``k`` layers ``ordering`` removes, from the scores table of the removal
+    experiment. Gromov et al. remove one contiguous run: the ``k`` layers from the ℓ that
+    minimises d(x_ℓ, x_{ℓ+k}); every other ordering the ``k`` lowest scores."""
+    rows = scores[scores["ordering"] == ordering]
+    if k == 0:
+        return []
+    if ordering == "gromov":
+        run = rows[rows["run_length"] == k].sort_values(["score", "layer"])
+        start = int(run["layer"].iloc[0])
+        return list(range(start, start + k))
+    return layers_to_remove(torch.tensor(rows.sort_values("layer")["score"].to_numpy()), k)
+
+
+def _accuracy_ks(n_layers: int, max_remove: int) -> list[int]:
+    return sorted({0, min(max_remove, round(PAPER_SHARE * n_layers)), max_remove})
+
+
+def _removal_data(tokenizer, params):
+    p = params
+    cal = token_windows(tokenizer, load_text(p["corpus"], "calibration"), p["seq_len"],
+                        p["calibration_windows"])
+    ev = token_windows(tokenizer, load_text(p["corpus"], "evaluation"), p["seq_len"],
+                       p["eval_windows"])
+    items, tasks = [], []
+    for task in p["tasks"]:
+        got = load_benchmark(task, p["n_items"], seed=p["item_seed"])
+        items += got
+        tasks += [task] * len(got)
+    return cal, ev, items, tasks
+
+
+def _ppl_rows(model, windows, removed, batch_size) -> pd.DataFrame:
+    r = perplexity(model, windows, batch_size=batch_size, progress=False, per_window=True)
+    return pd.DataFrame({"removed": removed, "window": np.arange(len(windows)),
+                         "nll": r["nll_per_window"]})
+
+
+def _item_rows(model, tokenizer, items, tasks, removed, batch_size) -> pd.DataFrame:
+    df = score_items(model, tokenizer, items, batch_size=batch_size, progress=False)
+    return pd.DataFrame({"removed": removed, "task": tasks, "item": np.arange(len(items)),
+                         "label": df["label"], "correct": df["correct"],
+                         "correct_norm": df["correct_norm"],
+                         "loglikelihoods": [" ".join(f"{x:.6f}" for x in ll)
+                                            for ll in df["loglikelihoods"]]})
+
+
+def _measure_plans(model, plans, measure, done=frozenset()):
+    """Yield ``(plan text, rows)`` for the unpruned model and every plan not in ``done``,
+    each plan starting from the hidden state its kept prefix of blocks shares with the
+    unpruned model (measured first, to record it)."""
+    todo = [p for p in plans if p and _plan_text(p) not in done]
+    if not todo and "" in done:
+        return
+    prefix = SharedPrefix(model, first_removed(todo))
+    with prefix.recording():
+        rows = measure(model, "")
+    if "" not in done:
+        yield "", rows
+    for plan in todo:
+        with prefix.removed(plan):
+            rows = measure(model, _plan_text(plan))
+        yield _plan_text(plan), rows
+
+
+def _compute_removal(model, tokenizer, store, progress, **p) -> None:
+    n = len(decoder_layers(model))
+    max_remove = p["max_remove"] or n // 3
+    if not 0 < max_remove < n:
+        raise ValueError(f"max_remove must be between 1 and {n - 1} for a model of {n} layers.")
+    cal, ev, items, tasks = _removal_data(tokenizer, p)
+    orderings = _orderings(p["metrics"], p["random_seeds"])
+    if store.read("scores") is None:
+        store.append("scores", _removal_scores(model, cal, orderings, max_remove, progress))
+    scores = store.read("scores")  # plans follow from the stored digits, as check() redoes
+    plans = pd.DataFrame([{"ordering": o, "k": k,
+                           "removed": _plan_text(removal_plan(scores, o, k))}
+                          for o in orderings for k in range(max_remove + 1)])
+    if store.read("plans") is None:
+        store.append("plans", plans)
+    acc_ks = _accuracy_ks(n, max_remove)
+    distinct = list(dict.fromkeys(plans["removed"]))
+    acc_plans = list(dict.fromkeys(plans[plans["k"].isin(acc_ks)]["removed"]))
+    done = len(store.done("ppl") & set(distinct)) + len(store.done("items") & set(acc_plans))
+    bar = tqdm(total=len(distinct) + len(acc_plans), initial=done, unit="model",
+               desc="pruned models measured", disable=not progress)
+    bs = p["batch_size"]
+    for table, wanted, measure in (
+            ("ppl", distinct, lambda m, removed: _ppl_rows(m, ev, removed, bs)),
+            ("items", acc_plans,
+             lambda m, removed: _item_rows(m, tokenizer, items, tasks, removed, bs))):
+        for _, rows in _measure_plans(model, [_plan_layers(r) for r in wanted], measure,
+                                      store.done(table)):
+            store.append(table, rows)
+            bar.update()
+    bar.close()
+
+
+def _check_removal(model, tokenizer, result: Result, windows: int = 2,
+                   n_items: int = 20) -> list[str]:
+    """Recompute a slice: the plans from the stored scores, Block Influence on the
+    calibration windows, and the unpruned model and one BI plan on the first ``windows``
+    windows and ``n_items`` items."""
+    p, problems = result.params, []
+    scores, plans = result["scores"], result["plans"]
+    for o, k, removed in plans[["ordering", "k", "removed"]].itertuples(index=False):
+        if _plan_text(removal_plan(scores, o, k)) != removed:
+            problems.append(f"plan {o}, k={k}: stored {removed!r} does not follow from the "
+                            "stored scores")
+    cal, ev, items, tasks = _removal_data(tokenizer, p)
+    if "bi" in p["metrics"]:
+        bi = layer_importance(model, cal, "bi", progress=False).numpy()
+        stored = scores[scores["ordering"] == "bi"].sort_values("layer")["score"].to_numpy()
+        if not np.allclose(bi, stored, atol=2e-3, rtol=1e-3):
+            problems.append(f"BI scores moved by up to {np.abs(bi - stored).max():.2g}")
+    k_share = _accuracy_ks(len(decoder_layers(model)), int(plans["k"].max()))[1]
+    plan = plans[(plans["ordering"] == plans["ordering"].iloc[0]) & (plans["k"] == k_share)]
+    plan = [_plan_layers(plan["removed"].iloc[0])]
+    bs = p["batch_size"]
+    per_task = max(1, n_items // len(p["tasks"]))
+    picked = [i for t in p["tasks"] for i in [j for j, u in enumerate(tasks) if u == t][:per_task]]
+
+    def measure(m, removed):
+        rows = _item_rows(m, tokenizer, [items[i] for i in picked], [tasks[i] for i in picked],
+                          removed, bs)
+        return _ppl_rows(m, ev[:windows], removed, bs), rows.assign(item=picked)
+
+    for removed, (ppl, got) in _measure_plans(model, plan, measure):
+        want = result["ppl"][result["ppl"]["removed"] == removed].set_index("window")["nll"]
+        diff = np.abs(ppl["nll"].to_numpy() - want.loc[ppl["window"]].to_numpy())
+        if not (diff < 5e-3).all():
+            problems.append(f"plan {removed!r}: window NLL moved by up to {diff.max():.3g} nats")
+        stored_items = result["items"]
+        stored_items = stored_items[stored_items["removed"] == removed].set_index("item")
+        problems += _compare_items(removed, got, stored_items)
+    return problems
+
+
+def _compare_items(removed, got: pd.DataFrame, stored: pd.DataFrame) -> list[str]:
+    """Log-likelihoods within 0.05 nats; a right/wrong verdict may flip only where the two
+    best choices of the stored run were within 0.1 nats (a near-tie)."""
+    problems = []
+    for row in got.itertuples(index=False):
+        s = stored.loc[row.item]
+        ours = np.array(row.loglikelihoods.split(), dtype=float)
+        theirs = np.array(s["loglikelihoods"].split(), dtype=float)
+        if ours.shape != theirs.shape or np.abs(ours - theirs).max() > 0.05:
+            problems.append(f"plan {removed!r}, item {row.item}: log-likelihoods "
+                            f"{ours.round(3).tolist()} against stored {theirs.round(3).tolist()}")
+            continue
+        top = np.sort(theirs)[-2:] if len(theirs) > 1 else theirs
+        near_tie = len(theirs) > 1 and top[1] - top[0] < 0.1
+        if row.correct != s["correct"] and not near_tie:
+            problems.append(f"plan {removed!r}, item {row.item}: verdict flipped without a "
+                            "near-tie")
+    return problems
+
+
+EXPERIMENTS["removal"] = Experiment(
+    "removal",
+    "Removal curves: plans of every importance metric for k = 0 .. max_remove, perplexity "
+    "per evaluation window for every plan, per-item accuracy at k = 0, the paper's share "
+    "(9/32 of the layers) and max_remove",
+    _compute_removal, _check_removal,
+    defaults={"corpus": "wikipedia", "seq_len": 256, "calibration_windows": 32,
+              "eval_windows": 64, "metrics": REMOVAL_METRICS, "random_seeds": 5,
+              "max_remove": None, "tasks": ["piqa", "hellaswag", "winogrande", "arc_easy"],
+              "n_items": 200, "item_seed": 0, "batch_size": 16},
+    tables=("scores", "plans", "ppl", "items"))
+
+# The runs stored in results/, regenerated by `make results`. Gemma gets fewer orderings
+# than SmolLM2: its vocabulary makes every evaluation about three times dearer.
+STANDARD: dict[str, dict[str, dict]] = {
+    "smollm2-135m": {"removal": {"max_remove": 10}},
+    "gemma3-270m": {"removal": {"max_remove": 6,
+                                "metrics": ["bi", "angular", "gromov", "ppl", "taylor",
+                                            "sequential", "reverse", "random"]}},
+}
+
+
+def standard_params(name: str, model: str) -> dict:
+    """The parameters of the stored run of ``name`` for ``model``: the experiment's
+    defaults with :data:`STANDARD`'s overrides (none for a model without a stored run)."""
+    return _full_params(name, model, {})
+
+
+def _full_params(name: str, model: str, params: dict) -> dict:
+    return _experiment(name).params({**STANDARD.get(model, {}).get(name, {}), **params})
+
+
+# ------------------------------------------------------------------------- run and load
+
+
+def results_dirs() -> list[Path]:
+    """Where stored results are looked for, first match wins: ``$SHORTGPT_LITE_RESULTS``,
+    the ``results/`` folder of this checkout, and the user's cache (where runs computed on
+    demand go)."""
+    import os
+
+    dirs = [Path(os.environ[RESULTS_ENV])] if os.environ.get(RESULTS_ENV) else []
+    return dirs + [REPO_RESULTS, cache_dir() / "results"]
+
+
+def _command(name: str, model: str, overrides: dict, out: Path | None) -> str:
+    args = [f"shortgpt-lite experiment {name} --model {model}"]
+    for k, v in overrides.items():
+        value = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+        args.append(f"--{k.replace('_', '-')} {value}")
+    if out is not None:
+        args.append(f"--out {out}")
+    return " ".join(args)
+
+
+def _load(path: Path, name: str) -> Result | None:
+    meta = path / "provenance.json"
+    if not meta.exists():
+        return None
+    provenance = json.loads(meta.read_text())
+    store = _Store(path)
+    tables = {t: store.read(t) for t in _experiment(name).tables}
+    return Result(name, provenance["model"], provenance["params"], tables, provenance, path)
+
+
+def load_result(path: str | Path) -> Result:
+    """A stored result from its folder, ``results/<model>/<name>``."""
+    path = Path(path)
+    meta = path / "provenance.json"
+    if not meta.exists():
+        raise FileNotFoundError(f"{path} holds no provenance.json; it is not a stored result.")
+    return _load(path, json.loads(meta.read_text())["name"])
+
+
+def run(name: str, model: str = "smollm2-135m", *, out: str | Path | None = None,
+        device: str = "auto", dtype=None, loaded=None, overwrite: bool = False,
+        progress: bool = True, **params) -> Result:
+    """Compute experiment ``name`` for ``model`` into ``out/<model>/<name>/`` (default: the
+    user's cache) and return it.
+
+    ``params`` override :func:`standard_params`. A folder that holds a finished run with
+    the same parameters is returned as it is; one that holds an unfinished run with the
+    same parameters is resumed from the rows already written. A folder with other
+    parameters is kept unless ``overwrite=True``. ``loaded=(model, tokenizer)`` reuses a
+    model already in memory instead of loading ``model`` by name.
+    """
+    exp = _experiment(name)
+    full = _full_params(name, model, params)
+    overrides = {k: v for k, v in full.items() if v != exp.defaults[k]
+                 and not (isinstance(exp.defaults[k], (list, tuple))
+                          and list(exp.defaults[k]) == v)}
+    root = Path(out) if out is not None else cache_dir() / "results"
+    path = root / _safe(model) / name
+    meta = path / "provenance.json"
+    previous = json.loads(meta.read_text()) if meta.exists() else None
+    if previous is not None and previous["params"] != full:
+        if not overwrite:
+            raise FileExistsError(
+                f"{path} holds a run of {name!r} with other parameters ({previous['key']}). "
+                "Pass overwrite=True (--overwrite) to replace it, or another out folder.")
+        for f in path.glob("*.csv"):
+            f.unlink()
+        previous = None
+    if previous is not None and previous.get("status") == "complete":
+        return _load(path, name)
+    path.mkdir(parents=True, exist_ok=True)
+    lm, tokenizer = loaded if loaded is not None else load_model(model, device=device,
+                                                                 dtype=dtype)
+    dev = pick_device(device) if loaded is None else next(lm.parameters()).device
+    provenance = {
+        "name": name, "model": model, "key": params_key(full), "params": full,
+        "command": _command(name, model, overrides, None),
+        "device": str(dev), "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
+        "environment": environment(dev), "status": "running",
+        "started": (previous or {}).get("started") or _now(),
+        "seconds": (previous or {}).get("seconds", 0.0), "description": exp.description}
+    meta.write_text(json.dumps(provenance, indent=1) + "\n")
+    t0 = time.perf_counter()
+    try:
+        exp.compute(lm, tokenizer, _Store(path), progress, **full)
+    finally:
+        provenance["seconds"] = round(provenance["seconds"] + time.perf_counter() - t0, 1)
+        meta.write_text(json.dumps(provenance, indent=1) + "\n")
+    provenance |= {"status": "complete", "finished": _now()}
+    meta.write_text(json.dumps(provenance, indent=1) + "\n")
+    return _load(path, name)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def find(name: str, model: str, params: dict) -> Result | None:
+    """The first finished stored run of ``name`` for ``model`` with exactly ``params``."""
+    for root in results_dirs():
+        found = _load(root / _safe(model) / name, name)
+        if found is not None and found.provenance.get("status") == "complete" \
+                and found.params == params:
+            return found
+    return None
+
+
+def reference(name: str, model: str = "smollm2-135m", *, loaded=None, device: str = "auto",
+              progress: bool = True, **params) -> Result:
+    """The reference run of ``name`` for ``model``: stored when one exists for exactly
+    these parameters (:func:`standard_params` with ``params`` on top), else computed now
+    and kept in the user's cache for the next call."""
+    full = _full_params(name, model, params)
+    found = find(name, model, full)
+    if found is not None:
+        return found
+    return run(name, model, loaded=loaded, device=device, progress=progress, **params)
+
+
+def check(result: Result, loaded=None) -> list[str]:
+    """Problems found when a slice of ``result`` is recomputed with the current library:
+    a key that does not match the stored parameters, stored plans that do not follow from
+    the stored scores, rows that moved beyond what other CPUs or a GPU explain."""
+    problems = []
+    if result.provenance.get("key") != params_key(result.params):
+        problems.append("the stored parameters do not match the result's key")
+    if result.provenance.get("status") != "complete":
+        problems.append("the run did not finish")
+    for t, df in result.tables.items():
+        if df is None:
+            problems.append(f"table {t} is missing")
+    if problems:
+        return problems
+    lm, tokenizer = loaded if loaded is not None else load_model(result.model, device="cpu")
+    return _experiment(result.name).check(lm, tokenizer, result)
+
+
+# ------------------------------------------------------------------------ paired intervals
+
+
+def paired_difference(a: pd.Series, b: pd.Series, *, n_boot: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """Mean of ``a - b`` over the units both share (windows or items, the index), with a
+    percentile-bootstrap interval that resamples the units together, so what is common to
+    both (a hard window, an easy item) cancels. ``zero_inside`` is True when the interval
+    holds 0: the two cannot be told apart at this size."""
+    both = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner").dropna()
+    if both.empty:
+        raise ValueError("a and b share no index: pass per-window or per-item values keyed "
+                         "by the same window or item.")
+    d = (both["a"] - both["b"]).to_numpy(float)
+    low, high = bootstrap_interval(d, n_boot=n_boot, seed=seed, level=level)
+    return {"mean": float(d.mean()), "low": low, "high": high, "n": len(d),
+            "zero_inside": bool(low <= 0 <= high)}

@@ -1,0 +1,81 @@
+"""A plan measured from the shared prefix computes what the pruned copy computes."""
+
+import pytest
+import torch
+
+import shortgpt_lite as sgl
+from shortgpt_lite.evaluate import loglikelihoods
+from shortgpt_lite.prefix import SharedPrefix, first_removed
+from tiny import ARCHITECTURES, byte_tokenizer, random_windows, tiny_model
+
+
+def test_first_removed_is_the_smallest_layer_of_each_plan():
+    assert first_removed([[], [3, 1], [2], [1, 5]]) == {1, 2}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_replayed_prefix_matches_the_pruned_copy(arch):
+    model = tiny_model(arch, layers=5)
+    windows = random_windows(n=5, length=10)
+    plans = [[2, 3], [1], [0, 4], [3]]
+    prefix = SharedPrefix(model, first_removed(plans))
+    with prefix.recording():
+        full = sgl.perplexity(model, windows, batch_size=2, progress=False)
+    assert prefix.nbytes() > 0
+    for plan in plans:
+        with prefix.removed(plan):
+            shared = sgl.perplexity(model, windows, batch_size=2, progress=False)
+        copy = sgl.perplexity(sgl.remove_layers(model, plan), windows, batch_size=2,
+                              progress=False)
+        assert shared["nll"] == pytest.approx(copy["nll"], rel=1e-5, abs=1e-6), plan
+        assert shared["nll"] != pytest.approx(full["nll"], rel=1e-6)
+    # the blocks are themselves again afterwards
+    again = sgl.perplexity(model, windows, batch_size=2, progress=False)
+    assert again["nll"] == pytest.approx(full["nll"], rel=1e-6)
+
+
+def test_replay_works_for_padded_multiple_choice_batches():
+    model, tok = tiny_model("llama", layers=4), byte_tokenizer()
+    model.resize_token_embeddings(len(tok))
+    requests = [("The cat", " sat"), ("A much longer context here", " on the mat"),
+                ("x", " y z"), ("Hello", " world")]
+    prefix = SharedPrefix(model, [2])
+    with prefix.recording():
+        loglikelihoods(model, tok, requests, batch_size=2, progress=False)
+    with prefix.removed([2, 3]):
+        shared = loglikelihoods(model, tok, requests, batch_size=2, progress=False)
+    copy = loglikelihoods(sgl.remove_layers(model, [2, 3]), tok, requests, batch_size=2,
+                          progress=False)
+    for (a, ga), (b, gb) in zip(shared, copy):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_replaying_other_batches_is_refused():
+    model = tiny_model("llama", layers=4)
+    prefix = SharedPrefix(model, [2])
+    with prefix.recording():
+        sgl.perplexity(model, random_windows(n=4, length=10), batch_size=2, progress=False)
+    with pytest.raises(RuntimeError, match="batch size"):
+        with prefix.removed([2]):
+            sgl.perplexity(model, random_windows(n=4, length=10), batch_size=4, progress=False)
+    with pytest.raises(RuntimeError, match="Fewer batches"):
+        with prefix.removed([2]):
+            sgl.perplexity(model, random_windows(n=2, length=10), batch_size=2, progress=False)
+
+
+def test_a_plan_outside_the_model_is_refused():
+    model = tiny_model("llama", layers=4)
+    with pytest.raises(ValueError, match="0..3"):
+        with SharedPrefix(model, []).removed([4]):
+            pass
+
+
+def test_skip_one_perplexity_is_the_same_with_and_without_the_prefix(monkeypatch):
+    from shortgpt_lite import importance
+
+    model = tiny_model("llama", layers=5)
+    data = random_windows(n=4, length=12)
+    shared = sgl.layer_importance(model, data, "ppl", batch_size=2, progress=False)
+    monkeypatch.setattr(importance, "_PREFIX_BYTES", 0)
+    full = sgl.layer_importance(model, data, "ppl", batch_size=2, progress=False)
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-5)
