@@ -17,7 +17,7 @@ STAMP   := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install lock lock-upgrade plain-install test test-portable test-fast lint book book-clean clean sweep student
+.PHONY: install lock lock-upgrade plain-install test test-portable test-fast lint book book-clean clean sweep student results
 
 install: $(STAMP)
 
@@ -84,6 +84,13 @@ book: install
 	SHORTGPT_LITE_CLAIMS=strict $(BIN)/jupyter-book build . -W -n --keep-going
 	$(BIN)/python -m pytest -q -m book tests/test_rendered_book.py
 	@echo "Book: _build/html/index.html"
+
+# Every stored reference run (shortgpt_lite.experiments.STANDARD), computed anew into
+# results.new/ and moved over results/ once all of them have finished; rerun after an
+# interruption and each run resumes from the rows it had written.
+results: install
+	$(BIN)/shortgpt-lite experiment all --out results.new
+	rm -rf results && mv results.new results
 
 # The assignments without their solutions, for instructors to hand out.
 student: install

@@ -30,7 +30,10 @@ from .importance import METRICS, layer_importance, layers_to_remove, skip_layer
 from .inputs import input_device, iter_batches
 from .layers import decoder_layers
 from .records import pruning_records
-from .removal import removal_curve, remove_layers
+from .removal import remove_layers
+
+# Reference runs: stored experiments and paired comparisons
+from .experiments import EXPERIMENTS, paired_difference, reference, removal_curve
 
 # Evaluation and cost
 from .costs import cost, param_counts, prefill_and_decode, serialized_bytes
@@ -103,6 +106,8 @@ __all__ = [
     # importance, plans and removal
     "METRICS", "decoder_layers", "input_device", "iter_batches", "layer_importance",
     "layers_to_remove", "pruning_records", "removal_curve", "remove_layers", "skip_layer",
+    # reference runs
+    "EXPERIMENTS", "paired_difference", "reference",
     # evaluation and cost
     "DEFAULT_SUITE", "GENERATION_PROMPTS", "binomial_ci", "bootstrap_interval", "cost",
     "evaluate_choices", "evaluate_suite", "generation_samples", "loglikelihoods",

@@ -4,12 +4,16 @@ version of an exercise notebook.
     shortgpt-lite score --model smollm2-135m --corpus wikipedia --tokens 32768 [--metric bi] [--json FILE]
     shortgpt-lite prune --model smollm2-135m --remove 8 [--metric bi] --out DIR
     shortgpt-lite student notebooks/08_assignments.ipynb student/08_assignments.ipynb
+    shortgpt-lite experiment removal --model smollm2-135m [--max-remove 10 ...] [--out results]
+    shortgpt-lite experiment all --out results
 
 ``score`` prints one line per layer: its score and the order in which the metric would
 remove it. ``prune`` removes the ``--remove`` lowest-scoring layers and writes a folder
 that plain ``AutoModelForCausalLM.from_pretrained`` loads. ``student`` replaces the
 marked solutions of an exercise notebook with stubs and strips its outputs
-(see :mod:`shortgpt_lite.course`).
+(see :mod:`shortgpt_lite.course`). ``experiment`` computes a reference run with its
+provenance (:mod:`shortgpt_lite.experiments`); any parameter of the experiment can be set
+as ``--name value`` (lists comma-separated), and ``all`` regenerates every stored run.
 """
 
 from __future__ import annotations
@@ -123,6 +127,58 @@ def cmd_student(args) -> None:
     print(f"wrote {args.destination}: {stubs} solution cells replaced by stubs, outputs stripped")
 
 
+def _experiment_params(name: str, extra: list[str]) -> dict:
+    """``--max-remove 6 --tasks piqa,boolq`` as ``{"max_remove": 6, "tasks": [...]}``,
+    each value converted to the type of the parameter's default."""
+    from .experiments import EXPERIMENTS
+
+    defaults = EXPERIMENTS[name].defaults
+    if len(extra) % 2:
+        raise SystemExit(f"Parameters come in pairs --name value; got {' '.join(extra)}.")
+    params = {}
+    for flag, value in zip(extra[::2], extra[1::2]):
+        key = flag.removeprefix("--").replace("-", "_")
+        if not flag.startswith("--") or key not in defaults:
+            raise SystemExit(f"{flag} is not a parameter of {name}. Its parameters: "
+                             + ", ".join("--" + k.replace("_", "-") for k in defaults) + ".")
+        default = defaults[key]
+        if isinstance(default, (list, tuple)):
+            params[key] = value.split(",")
+        elif isinstance(default, bool):
+            params[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, int) or (default is None and value.isdigit()):
+            params[key] = int(value)
+        elif isinstance(default, float):
+            params[key] = float(value)
+        else:
+            params[key] = value
+    return params
+
+
+def cmd_experiment(args, extra) -> None:
+    from .experiments import EXPERIMENTS, STANDARD, run
+
+    if args.name == "all":
+        if extra:
+            raise SystemExit("'experiment all' runs the stored parameters; it takes no others.")
+        jobs = [(name, model, {}) for model, runs in STANDARD.items() for name in runs]
+    elif args.name in EXPERIMENTS:
+        jobs = [(args.name, args.model, _experiment_params(args.name, extra))]
+    else:
+        raise SystemExit(f"Unknown experiment {args.name!r}. Choose one of: "
+                         f"{', '.join(EXPERIMENTS)}, or all.")
+    for name, model, params in jobs:
+        t0 = time.perf_counter()
+        try:
+            result = run(name, model, out=args.out, device=args.device, dtype=args.dtype,
+                         overwrite=args.overwrite, progress=not args.no_progress, **params)
+        except (FileExistsError, ValueError) as err:
+            raise SystemExit(str(err)) from None
+        tables = ", ".join(f"{t} ({len(df)} rows)" for t, df in result.tables.items())
+        print(f"{name} for {model}: {result.path} [{tables}], "
+              f"{time.perf_counter() - t0:.0f} s this call")
+
+
 def main(argv=None) -> None:
     """Entry point of the ``shortgpt-lite`` command."""
     parser = argparse.ArgumentParser(prog="shortgpt-lite", description=__doc__.split("\n\n")[0])
@@ -145,8 +201,29 @@ def main(argv=None) -> None:
     student.add_argument("destination", help="where to write the student notebook")
     student.set_defaults(run=cmd_student)
 
-    args = parser.parse_args(argv)
-    args.run(args)
+    experiment = commands.add_parser(
+        "experiment", help="compute a reference run and store it with its provenance",
+        description="Compute a reference run into OUT/<model>/<name>/; an interrupted run "
+                    "resumes. Set any parameter of the experiment as --name value.")
+    experiment.add_argument("name", help="the experiment (removal), or all for every "
+                                         "stored run")
+    experiment.add_argument("--model", default="smollm2-135m", help="a bundled model, a local "
+                            "folder or a hub id (default smollm2-135m)")
+    experiment.add_argument("--out", default="results", help="results folder (default results)")
+    experiment.add_argument("--device", default="auto", help="cuda, cpu, mps or auto (default)")
+    experiment.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    experiment.add_argument("--overwrite", action="store_true",
+                            help="replace a stored run that has other parameters")
+    experiment.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    experiment.set_defaults(run=cmd_experiment)
+
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "experiment":
+        args.run(args, extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    else:
+        args.run(args)
 
 
 if __name__ == "__main__":

@@ -34,19 +34,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .data import load_benchmark, load_text, token_windows
-from .evaluate import bootstrap_interval, perplexity, score_items
+from .evaluate import (
+    bootstrap_interval,
+    evaluate_choices,
+    generation_samples,
+    perplexity,
+    score_items,
+)
 from .hooks import layer_statistics
 from .importance import layer_importance, layers_to_remove
 from .layers import decoder_layers
 from .models import cache_dir, load_model, pick_device
 from .prefix import SharedPrefix, first_removed
 from .provenance import environment
+from .removal import remove_layers
 
-__all__ = ["EXPERIMENTS", "STANDARD", "Result", "check", "paired_difference", "reference",
-           "results_dirs", "run", "standard_params"]
+__all__ = ["EXPERIMENTS", "STANDARD", "Result", "check", "load_result", "paired_difference",
+           "reference", "removal_curve", "removal_plan", "results_dirs", "run", "standard_params"]
 
 RESULTS_ENV = "SHORTGPT_LITE_RESULTS"
 REPO_RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -162,6 +170,88 @@ def _experiment(name: str) -> Experiment:
     if name not in EXPERIMENTS:
         raise ValueError(f"Unknown experiment {name!r}. Choose one of: {', '.join(EXPERIMENTS)}.")
     return EXPERIMENTS[name]
+
+
+# ---------------------------------------------------------------------- removal curve
+
+
+def removal_curve(model: nn.Module, tokenizer, scores, ks, *, windows=None, items=None,
+                  metric: str | None = None, cache: dict | None = None,
+                  prompt: str | None = None, max_new_tokens: int = 24, n_boot: int = 1000,
+                  seed: int = 0, batch_size: int = 16, progress: bool = True):
+    """Remove the ``k`` lowest-scoring layers for each ``k`` in ``ks`` and measure the result.
+
+    For each ``k`` the plan is ``layers_to_remove(scores, k)``; a pruned copy is made with
+    :func:`remove_layers` (``model`` is left as it is) and measured:
+
+    * on ``windows`` (``[n, seq_len]`` token windows): perplexity
+      :math:`\\exp(\\frac1n\\sum_w \\mathrm{NLL}_w)` and a 95% percentile-bootstrap
+      interval ``ppl_ci_low`` .. ``ppl_ci_high`` from resampling the *windows* with
+      replacement (``n_boot`` draws). It says how much the figure would move on other
+      text like this, not how uncertain the model is; with few windows it is rough.
+    * on ``items`` (benchmark ``Item`` s, e.g. from ``load_benchmark``): ``acc`` and
+      ``acc_norm`` with their 95% Wilson intervals, from
+      :func:`shortgpt_lite.evaluate.evaluate_choices`.
+    * with ``prompt``: the greedy continuation (``max_new_tokens``), column ``generation``.
+
+    ``cache`` (a dict, filled in place) maps ``frozenset(removed layers)`` to the
+    measurements, so several metrics whose plans coincide (they often share the first
+    few layers) measure each distinct pruned model once: pass the same dict to every call.
+
+    Returns a DataFrame, one row per ``k``: ``metric``, ``k``, ``removed`` (tuple of
+    layer indices, original numbering), ``layers_left``, ``ppl``, ``ppl_ci_low``,
+    ``ppl_ci_high``, ``nll``, ``seq_len``, ``windows``, ``acc``, ``acc_ci_low``,
+    ``acc_ci_high``, ``acc_norm``, ``acc_norm_ci_low``, ``acc_norm_ci_high``, ``n_items``,
+    ``chance``, ``generation`` (the last three groups only when measured), ``cached``
+    (whether the row was reused from ``cache``).
+    """
+    if windows is None and items is None and prompt is None:
+        raise ValueError("Nothing to measure: pass token windows, benchmark items or a prompt.")
+    ks = [int(k) for k in ks]
+    if not ks:
+        raise ValueError("ks is empty; pass the numbers of layers to remove, e.g. range(0, 9).")
+    n = len(decoder_layers(model))
+    scores = torch.as_tensor(scores, dtype=torch.float32).flatten()
+    if scores.numel() != n:
+        raise ValueError(f"scores has {scores.numel()} entries but the model has {n} layers.")
+    cache = {} if cache is None else cache
+    rows = []
+    for k in tqdm(ks, desc=f"removal curve ({metric or 'scores'})", disable=not progress):
+        removed = layers_to_remove(scores, k)
+        key = frozenset(removed)
+        measured = cache.setdefault(key, {})
+        wanted = {"ppl": windows is not None, "acc": items is not None,
+                  "generation": prompt is not None}
+        reused = all(measured.get(name) is not None for name, want in wanted.items() if want)
+        if not reused:
+            pruned = remove_layers(model, removed, scores=scores, metric=metric) if removed \
+                else model
+            if windows is not None and measured.get("ppl") is None:
+                nll = perplexity(pruned, windows, progress=False, per_window=True)
+                low, high = bootstrap_interval(nll["nll_per_window"], n_boot=n_boot, seed=seed)
+                mean = nll["nll"]
+                measured["ppl"] = {"ppl": math.exp(mean), "ppl_ci_low": math.exp(low),
+                                   "ppl_ci_high": math.exp(high),
+                                   "nll": mean, "seq_len": int(windows.shape[1]),
+                                   "windows": int(windows.shape[0])}
+            if items is not None and measured.get("acc") is None:
+                r = evaluate_choices(pruned, tokenizer, items, batch_size=batch_size,
+                                     progress=False)
+                measured["acc"] = {name: r[name] for name in (
+                    "acc", "acc_ci_low", "acc_ci_high", "acc_norm", "acc_norm_ci_low",
+                    "acc_norm_ci_high", "chance")} | {"n_items": r["n"]}
+            if prompt is not None and measured.get("generation") is None:
+                g = generation_samples(pruned, tokenizer, [prompt],
+                                       max_new_tokens=max_new_tokens, progress=False)
+                measured["generation"] = {"generation": g["continuation"][0]}
+            del pruned
+        row = {"metric": metric, "k": k, "removed": tuple(removed), "layers_left": n - k}
+        for name, want in wanted.items():
+            if want:
+                row.update(measured[name])
+        row["cached"] = reused
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- the removal experiment
@@ -314,7 +404,7 @@ def _check_removal(model, tokenizer, result: Result, windows: int = 2,
     if "bi" in p["metrics"]:
         bi = layer_importance(model, cal, "bi", progress=False).numpy()
         stored = scores[scores["ordering"] == "bi"].sort_values("layer")["score"].to_numpy()
-        if not np.allclose(bi, stored, atol=2e-3, rtol=1e-3):
+        if not np.allclose(bi, stored, atol=5e-4, rtol=1e-3):
             problems.append(f"BI scores moved by up to {np.abs(bi - stored).max():.2g}")
     k_share = _accuracy_ks(len(decoder_layers(model)), int(plans["k"].max()))[1]
     plan = plans[(plans["ordering"] == plans["ordering"].iloc[0]) & (plans["k"] == k_share)]

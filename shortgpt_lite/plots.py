@@ -133,7 +133,7 @@ _CURVE_LABELS = {"ppl": "perplexity (lower is better)", "acc": "accuracy (share 
 def removal_curves(df, y: str = "ppl", title: str | None = None, *, hue: str = "metric",
                    ax=None, logy: bool | None = None, band: bool = True):
     """``y`` against the number of removed layers ``k``, one line per ``hue`` value, from the
-    DataFrame of :func:`shortgpt_lite.removal.removal_curve` (several concatenated).
+    DataFrame of :func:`shortgpt_lite.experiments.removal_curve` (several concatenated).
 
     With ``band`` the interval columns ``{y}_ci_low`` .. ``{y}_ci_high`` are shaded: the
     Wilson interval for accuracies, the bootstrap over windows for perplexity. A dashed

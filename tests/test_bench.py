@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import shortgpt_lite
 from shortgpt_lite.bench import BENCHES
 
-# The benchmarks the command line offered when it was one module, bench.py.
-NAMES = ("load", "bi", "eval", "cost", "wanda", "context")
+# The benchmarks the command line offered when it was one module, bench.py, and the
+# shared-prefix sweep.
+NAMES = ("load", "bi", "eval", "cost", "wanda", "context", "prefix")
 PACKAGE = Path(shortgpt_lite.__file__).parent
 
 
@@ -49,6 +52,19 @@ def test_bi_on_a_random_weight_tiny_model_prints_all_four_approaches():
         assert len(values) == 8
         [float(v) for v in values]
     assert rows["forward"][1] == "1.000"  # wall time relative to the plain forward
+
+
+@pytest.mark.slow
+def test_prefix_sweep_computes_what_the_pruned_copies_compute():
+    run = _run("prefix", "--tokens", "256", "--seq-len", "64", "--repeats", "1", "--device",
+               "cpu", timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in run.stdout.splitlines()
+            if line.startswith(("pruned", "shared"))}
+    assert set(rows) == {"pruned", "shared"}
+    assert "10 Block Influence plans (k = 1 .. 10)" in run.stdout
+    worst = float(run.stdout.split("mean NLL between the two: ")[1].split()[0])
+    assert worst < 1e-4
 
 
 def _module_name(path: Path) -> list[str]:

@@ -1,0 +1,173 @@
+"""The reference-run machinery: run, resume, provenance, loading, and the checks that make a
+hand-edited or stale stored result fail."""
+
+import json
+
+import pandas as pd
+import pytest
+
+import shortgpt_lite as sgl
+from shortgpt_lite import experiments as ex
+from shortgpt_lite.cli import main
+from tiny import byte_tokenizer, tiny_llama
+
+SMALL = {"seq_len": 32, "calibration_windows": 2, "eval_windows": 3,
+         "metrics": ["bi", "gromov", "ppl", "sequential", "random"], "random_seeds": 2,
+         "max_remove": 2, "tasks": ["piqa", "winogrande"], "n_items": 3, "batch_size": 4}
+
+
+@pytest.fixture
+def tiny():
+    return tiny_llama(vocab_size=257, layers=5), byte_tokenizer()
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """No stored result of the checkout or the user's cache leaks into a test."""
+    monkeypatch.setenv("SHORTGPT_LITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(ex.RESULTS_ENV, str(tmp_path / "stored"))
+    monkeypatch.setattr(ex, "REPO_RESULTS", tmp_path / "no-repo-results")
+    return tmp_path
+
+
+def small_run(tiny, out, **params):
+    return ex.run("removal", "tiny", out=out, loaded=tiny, progress=False, **{**SMALL, **params})
+
+
+def test_a_run_stores_rows_per_window_and_item_with_provenance(tiny, isolated):
+    r = small_run(tiny, isolated / "stored")
+    assert r.path == isolated / "stored" / "tiny" / "removal"
+    p = json.loads((r.path / "provenance.json").read_text())
+    assert p["status"] == "complete" and p["key"] == ex.params_key(p["params"])
+    assert p["params"]["max_remove"] == 2 and p["params"]["metrics"] == SMALL["metrics"]
+    for field in ("shortgpt_lite", "commit", "torch", "transformers", "cpu", "machine"):
+        assert field in p["environment"]
+    assert p["device"] == "cpu" and p["dtype"] == "float32" and p["seconds"] >= 0
+    assert p["command"].startswith("shortgpt-lite experiment removal --model tiny")
+    orderings = ["bi", "gromov", "ppl", "sequential", "random:0", "random:1"]
+    assert sorted(r["plans"]["ordering"].unique()) == sorted(orderings)
+    # every distinct plan, the unpruned model included, on every window
+    distinct = set(r["plans"]["removed"])
+    assert set(r["ppl"]["removed"]) == distinct and len(r["ppl"]) == 3 * len(distinct)
+    # accuracy at k = 0, the paper's share of 5 layers (round(5 * 9/32) = 1) and max_remove
+    acc_plans = set(r["plans"][r["plans"]["k"].isin([0, 1, 2])]["removed"])
+    assert set(r["items"]["removed"]) == acc_plans
+    assert len(r["items"]) == 6 * len(acc_plans)
+    assert r.caption.startswith("Reference run: `shortgpt-lite experiment removal --model tiny")
+
+
+def test_gromov_removes_one_contiguous_run_at_the_smallest_distance():
+    scores = pd.DataFrame({"ordering": "gromov", "run_length": [1, 1, 1, 2, 2],
+                           "layer": [0, 1, 2, 0, 1], "score": [0.3, 0.1, 0.2, 0.4, 0.25]})
+    assert ex.removal_plan(scores, "gromov", 1) == [1]
+    assert ex.removal_plan(scores, "gromov", 2) == [1, 2]
+    assert ex.removal_plan(scores, "gromov", 0) == []
+
+
+def test_an_interrupted_run_resumes_from_the_rows_written(tiny, isolated, monkeypatch):
+    whole = small_run(tiny, isolated / "whole")
+    calls = {"n": 0}
+    real = ex._item_rows
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ex, "_item_rows", failing)
+    with pytest.raises(KeyboardInterrupt):
+        small_run(tiny, isolated / "resumed")
+    meta = json.loads((isolated / "resumed" / "tiny" / "removal" / "provenance.json").read_text())
+    assert meta["status"] == "running"
+    monkeypatch.setattr(ex, "_item_rows", real)
+    resumed = small_run(tiny, isolated / "resumed")
+    for table in ("ppl", "items"):
+        a = whole[table].sort_values(["removed", *whole[table].columns[1:3]]).reset_index(drop=True)
+        b = resumed[table].sort_values(["removed", *a.columns[1:3]]).reset_index(drop=True)
+        pd.testing.assert_frame_equal(a, b)
+
+
+def test_other_parameters_do_not_overwrite_a_stored_run(tiny, isolated):
+    small_run(tiny, isolated / "stored")
+    with pytest.raises(FileExistsError, match="other parameters"):
+        small_run(tiny, isolated / "stored", max_remove=1)
+    r = small_run(tiny, isolated / "stored", max_remove=1, overwrite=True)
+    assert r.params["max_remove"] == 1 and r["plans"]["k"].max() == 1
+
+
+def test_unknown_parameters_and_experiments_are_refused():
+    with pytest.raises(ValueError, match="no parameter windows"):
+        ex.standard_params("removal", "x") | ex.EXPERIMENTS["removal"].params({"windows": 3})
+    with pytest.raises(ValueError, match="Unknown experiment"):
+        ex.standard_params("curves", "x")
+
+
+def test_reference_loads_exactly_matching_parameters_and_computes_others(tiny, isolated):
+    stored = small_run(tiny, isolated / "stored")
+    loaded = ex.reference("removal", "tiny", loaded=tiny, progress=False, **SMALL)
+    assert loaded.path == stored.path
+    other = ex.reference("removal", "tiny", loaded=tiny, progress=False, **{**SMALL,
+                                                                          "max_remove": 1})
+    assert other.path == isolated / "cache" / "results" / "tiny" / "removal"
+    assert other.params["max_remove"] == 1
+
+
+def test_check_passes_a_fresh_run_and_fails_edited_or_stale_ones(tiny, isolated):
+    r = small_run(tiny, isolated / "stored")
+    assert ex.check(r, loaded=tiny) == []
+
+    edited = ex.load_result(r.path)
+    edited.params = {**edited.params, "n_items": 4}
+    assert "do not match the result's key" in ex.check(edited, loaded=tiny)[0]
+
+    edited = ex.load_result(r.path)
+    plans = edited["plans"]
+    plans.loc[(plans["ordering"] == "bi") & (plans["k"] == 1), "removed"] = "0"
+    assert any("does not follow from the stored scores" in p
+               for p in ex.check(edited, loaded=tiny))
+
+    stale = ex.load_result(r.path)
+    stale["ppl"]["nll"] += 0.01
+    assert any("window NLL moved" in p for p in ex.check(stale, loaded=tiny))
+
+    stale = ex.load_result(r.path)
+    items = stale["items"]
+    items["loglikelihoods"] = items["loglikelihoods"].map(
+        lambda s: " ".join(str(float(x) - 0.5 * i) for i, x in enumerate(s.split())))
+    assert any("log-likelihoods" in p for p in ex.check(stale, loaded=tiny))
+
+    stale = ex.load_result(r.path)
+    bi = stale["scores"]["ordering"] == "bi"
+    stale["scores"].loc[bi, "score"] = stale["scores"].loc[bi, "score"] + 0.01
+    assert any("BI scores moved" in p for p in ex.check(stale, loaded=tiny))
+
+
+def test_paired_difference_cancels_what_both_share():
+    units = pd.Series([10.0, 20.0, 30.0, 40.0, 50.0, 60.0])
+    a, b = units + 1.0, units.copy()
+    d = ex.paired_difference(a, b)
+    assert d["mean"] == pytest.approx(1.0) and d["low"] == pytest.approx(1.0)
+    assert not d["zero_inside"] and d["n"] == 6
+    same = ex.paired_difference(units + pd.Series([1, -1, 1, -1, 1, -1.0]), units)
+    assert same["zero_inside"]
+    with pytest.raises(ValueError, match="share no index"):
+        ex.paired_difference(pd.Series([1.0], index=[0]), pd.Series([1.0], index=[1]))
+
+
+def test_cli_parses_parameters_by_their_default_types_and_refuses_unknown_ones(monkeypatch):
+    from shortgpt_lite.cli import _experiment_params
+
+    assert _experiment_params("removal", ["--max-remove", "6", "--tasks", "piqa,boolq",
+                                          "--corpus", "code"]) == {
+        "max_remove": 6, "tasks": ["piqa", "boolq"], "corpus": "code"}
+    with pytest.raises(SystemExit, match="--windows is not a parameter of removal"):
+        main(["experiment", "removal", "--windows", "3"])
+    with pytest.raises(SystemExit, match="Unknown experiment 'curves'"):
+        main(["experiment", "curves"])
+    with pytest.raises(SystemExit, match="takes no others"):
+        main(["experiment", "all", "--max-remove", "3"])
+
+
+def test_the_library_exports_the_loader():
+    assert sgl.reference is ex.reference and sgl.paired_difference is ex.paired_difference
