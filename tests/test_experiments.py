@@ -171,3 +171,21 @@ def test_cli_parses_parameters_by_their_default_types_and_refuses_unknown_ones(m
 
 def test_the_library_exports_the_loader():
     assert sgl.reference is ex.reference and sgl.paired_difference is ex.paired_difference
+
+
+def test_block_influence_rows_per_window_and_layer_and_the_post_norm_last_block(tiny, isolated):
+    r = ex.run("block_influence", "tiny", out=isolated / "stored", loaded=tiny, progress=False,
+               corpora=["wikipedia", "code"], seq_len=32, windows=3)
+    assert len(r["windows"]) == 2 * 3 * 5 and len(r["last_block"]) == 2 * 3
+    model, _ = tiny
+    w = sgl.token_windows(tiny[1], sgl.load_text("code", "calibration"), 32, 3)
+    bi = r["windows"][r["windows"]["corpus"] == "code"].groupby("layer")["bi"].mean()
+    assert bi.to_numpy() == pytest.approx(sgl.block_influence(model, w, progress=False).numpy(),
+                                          abs=1e-5)
+    hook = r["last_block"].set_index(["corpus", "window"])["bi_hook"]
+    last = r["windows"][r["windows"]["layer"] == 4].set_index(["corpus", "window"])["bi"]
+    assert hook.to_numpy() == pytest.approx(last.loc[hook.index].to_numpy())
+    assert (r["last_block"]["bi_hidden_states"] != r["last_block"]["bi_hook"]).all()
+    assert ex.check(r, loaded=tiny) == []
+    r["windows"].loc[0, "bi"] += 0.01
+    assert any("bi moved" in p for p in ex.check(r, loaded=tiny))
