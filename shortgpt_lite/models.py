@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +226,22 @@ def _remove_older_caches(spec: BundledModel) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextmanager
+def _quiet_transformers():
+    """transformers' own progress bars (loading weights, de-quantising, writing shards) off
+    for the ``with``: they are noise in a chapter's outputs. The library's own tqdm bars,
+    which a reader waits on, are not affected."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _build_cache(spec: BundledModel, target: Path) -> None:
     """De-quantise the GGUF once and write it as a safetensors folder, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -235,8 +252,9 @@ def _build_cache(spec: BundledModel, target: Path) -> None:
                           f"reinstall it with: {spec.install_command} --force-reinstall")
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
     # A GGUF-loaded model carries a quantizer that refuses save_pretrained; the
     # weights are already de-quantised to fp32, so the quantizer has nothing left to do.
     model.hf_quantizer = None
@@ -245,7 +263,8 @@ def _build_cache(spec: BundledModel, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        with _quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
@@ -315,7 +334,8 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device = "auto", 
     if "device_map" not in kwargs and dev.type != "cpu":
         # load straight onto the accelerator rather than through host memory
         kwargs["device_map"] = {"": str(dev)}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -251,3 +251,14 @@ def test_resolve_dtype():
 def test_bad_dtype():
     with pytest.raises(ValueError, match="Unknown dtype"):
         load_model("smollm2-135m", dtype="float8")
+
+
+@pytest.mark.slow
+def test_loading_prints_no_transformers_progress_bar(capfd):
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    load_model("smollm2-135m", device="cpu")
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "%|" not in err, err[-500:]
+    assert hf_logging.is_progress_bar_enabled(), "the reader's own setting is restored"

@@ -147,3 +147,24 @@ def test_pages_render_in_headless_chromium(pages, tmp_path):
                   user_dir=tmp_path / "u")
         stat = ImageStat.Stat(Image.open(shot).convert("L"))
         assert stat.stddev[0] > 5, f"{path.name} rendered as a blank page"
+
+
+def test_formulas_render_without_a_network(pages):
+    """MathJax comes from the build's _static/, never from a CDN, and it typesets: in
+    headless Chromium (where installed) a page with formulas ends with MathJax elements
+    and no raw TeX delimiters left."""
+    assert (HTML / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    for path in pages:
+        text = path.read_text(encoding="utf-8")
+        scripts = re.findall(r'<script[^>]+src="([^"]*mathjax[^"]*)"', text, flags=re.I)
+        assert all(not urlparse(s).scheme and "tex-chtml.js" in s for s in scripts), \
+            f"{path.name}: {scripts}"
+    page = next(p for p in pages if p.stem == "02_block_influence")
+    if shutil.which("chromium") is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dom = _chromium("--virtual-time-budget=10000", "--dump-dom", page.as_uri(),
+                        user_dir=Path(tmp) / "u").stdout
+    assert "mjx-container" in dom, "MathJax did not typeset the formulas"
