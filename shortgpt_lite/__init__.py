@@ -34,6 +34,15 @@ from .removal import remove_layers
 
 # Reference runs: stored experiments and paired comparisons
 from .experiments import EXPERIMENTS, paired_difference, reference, removal_curve
+from .curves import (
+    accuracy_drop,
+    accuracy_table,
+    area_under_curve,
+    compare_accuracy,
+    compare_orderings,
+    curve_table,
+    rank_table,
+)
 
 # Evaluation and cost
 from .costs import cost, param_counts, prefill_and_decode, serialized_bytes
@@ -78,11 +87,13 @@ from .wanda import (
 
 # Figures
 from .plots import (
+    accuracy_dots,
     adjacent_similarity,
     angular_distance_heatmap,
     bi_profile,
     book_style,
     removal_curves,
+    removal_overview,
     similarity_heatmap,
     speedup_plot,
 )
@@ -107,7 +118,8 @@ __all__ = [
     "METRICS", "decoder_layers", "input_device", "iter_batches", "layer_importance",
     "layers_to_remove", "pruning_records", "removal_curve", "remove_layers", "skip_layer",
     # reference runs
-    "EXPERIMENTS", "paired_difference", "reference",
+    "EXPERIMENTS", "accuracy_drop", "accuracy_table", "area_under_curve", "compare_accuracy",
+    "compare_orderings", "curve_table", "paired_difference", "rank_table", "reference",
     # evaluation and cost
     "DEFAULT_SUITE", "GENERATION_PROMPTS", "binomial_ci", "bootstrap_interval", "cost",
     "evaluate_choices", "evaluate_suite", "generation_samples", "loglikelihoods",
@@ -120,7 +132,7 @@ __all__ = [
     "prune_to_budget", "quantize_int8", "shrink_vocabulary", "sparsity_mask",
     "sparsity_report", "wanda_prune", "wanda_scores",
     # figures, the book's claims, teaching
-    "adjacent_similarity", "angular_distance_heatmap", "bi_profile", "book_style", "claim",
-    "removal_curves", "similarity_heatmap", "speedup_plot", "student_version",
+    "accuracy_dots", "adjacent_similarity", "angular_distance_heatmap", "bi_profile", "book_style", "claim",
+    "removal_curves", "removal_overview", "similarity_heatmap", "speedup_plot", "student_version",
     "__version__",
 ]

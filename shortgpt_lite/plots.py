@@ -12,8 +12,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
-__all__ = ["adjacent_similarity", "angular_distance_heatmap", "bi_profile", "book_style",
-           "similarity_heatmap", "removal_curves", "speedup_plot"]
+__all__ = ["accuracy_dots", "adjacent_similarity", "angular_distance_heatmap", "bi_profile",
+           "book_style", "removal_overview", "similarity_heatmap", "removal_curves",
+           "speedup_plot"]
 
 
 def book_style() -> None:
@@ -208,3 +209,74 @@ def speedup_plot(df, num_layers: int, title: str = "Measured speed-up against th
     ax.set_title(title)
     ax.legend(fontsize="small")
     return ax
+
+
+def _random_band(ax, part, color, label):
+    """Median of the random seeds as a line, their range as a band."""
+    wide = part.pivot(index="k", columns="ordering", values="ppl")
+    ax.fill_between(wide.index, wide.min(axis=1), wide.max(axis=1), color=color, alpha=0.18,
+                    linewidth=0)
+    ax.plot(wide.index, wide.median(axis=1), color=color, linestyle="--", marker="x",
+            label=f"{label} (median and range of {wide.shape[1]} seeds)")
+
+
+def removal_overview(curves, title: str, *, data_free=("sequential", "reverse", "random")):
+    """Two panels from :func:`shortgpt_lite.curves.curve_table`: every ordering on a log
+    axis (random seeds as a median line and a range band), and the data-driven metrics
+    alone on a linear axis with their 95% bootstrap bands over windows, where their
+    differences can be seen."""
+    families = list(dict.fromkeys(curves["family"]))
+    palette = dict(zip(families, sns.color_palette("colorblind", len(families))))
+    markers = dict(zip(families, "osD^vP*Xph"))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1.15]})
+    for ax, free in zip(axes, (True, False)):
+        for fam in families:
+            if not free and fam in data_free:
+                continue
+            part = curves[curves["family"] == fam].sort_values("k")
+            if fam == "random":
+                _random_band(ax, part, palette[fam], fam)
+                continue
+            ax.plot(part["k"], part["ppl"], marker=markers[fam], color=palette[fam], label=fam,
+                    linewidth=1.8, markersize=5)
+            if not free:
+                ax.fill_between(part["k"], part["ppl_ci_low"], part["ppl_ci_high"],
+                                color=palette[fam], alpha=0.15, linewidth=0)
+        ax.set_xlabel("decoder layers removed, k")
+        ax.set_xticks(sorted(set(int(k) for k in curves["k"])))
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("perplexity (log scale)")
+    axes[0].set_title("All orderings")
+    axes[0].legend(fontsize="small")
+    axes[1].set_ylabel("perplexity (linear scale)")
+    axes[1].set_title("Data-driven metrics, 95% bands over windows")
+    axes[1].legend(fontsize="small")
+    fig.suptitle(title, fontweight="bold")
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_dots(acc, title: str, *, chance: float | None = None):
+    """Dot-and-whisker accuracy per ordering (rows), one colour per ``k``, from
+    :func:`shortgpt_lite.curves.accuracy_table`: the 95% Wilson interval as the whisker."""
+    acc = acc[~acc["ordering"].str.contains(":")]
+    ks = sorted(acc["k"].unique())
+    order = list(dict.fromkeys(acc.sort_values("acc", ascending=False)["ordering"]))
+    palette = dict(zip(ks, sns.color_palette("colorblind", len(ks))))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(order) + 1.6))
+    offsets = np.linspace(-0.25, 0.25, len(ks)) if len(ks) > 1 else [0.0]
+    for off, k in zip(offsets, ks):
+        part = acc[acc["k"] == k].set_index("ordering").reindex(order).dropna(subset=["acc"])
+        y = np.array([order.index(o) for o in part.index]) + off
+        ax.errorbar(part["acc"], y, xerr=[part["acc"] - part["acc_ci_low"],
+                                         part["acc_ci_high"] - part["acc"]],
+                    fmt="o", color=palette[k], capsize=3, label=f"k = {k}")
+    if chance is not None:
+        ax.axvline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
+    ax.set_yticks(range(len(order)), order)
+    ax.invert_yaxis()
+    ax.set_xlabel("accuracy, pooled over the items (95% Wilson interval)")
+    ax.set_title(title)
+    ax.legend(fontsize="small", loc="lower left")
+    fig.tight_layout()
+    return fig
