@@ -13,7 +13,7 @@ from .data import (
     load_text,
     token_windows,
 )
-from .models import BUNDLED_MODELS, cache_dir, load_model, pick_device
+from .models import BUNDLED_MODELS, cache_dir, load_model, pick_device, quiet_transformers
 
 # Core: layers, Block Influence, importance metrics, removal
 from .hooks import (
@@ -109,7 +109,8 @@ __version__ = "0.1.0"
 __all__ = [
     # data and models
     "BENCHMARKS", "BUNDLED_MODELS", "CORPORA", "Item", "cache_dir", "corpus_documents",
-    "load_benchmark", "load_model", "load_text", "pick_device", "token_windows",
+    "load_benchmark", "load_model", "load_text", "pick_device", "quiet_transformers",
+    "token_windows",
     # Block Influence and the other layer statistics
     "LayerStatistics", "angular_distance", "angular_distance_per_token", "block_influence",
     "block_influence_per_token", "layer_similarity", "layer_statistics",

@@ -34,6 +34,7 @@ __all__ = [
     "cache_dir",
     "load_model",
     "pick_device",
+    "quiet_transformers",
     "resolve_dtype",
 ]
 
@@ -227,7 +228,7 @@ def _remove_older_caches(spec: BundledModel) -> None:
 
 
 @contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """transformers' own progress bars (loading weights, de-quantising, writing shards) off
     for the ``with``: they are noise in a chapter's outputs. The library's own tqdm bars,
     which a reader waits on, are not affected."""
@@ -252,7 +253,7 @@ def _build_cache(spec: BundledModel, target: Path) -> None:
                           f"reinstall it with: {spec.install_command} --force-reinstall")
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    with _quiet_transformers():
+    with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      dtype=torch.float32)
     # A GGUF-loaded model carries a quantizer that refuses save_pretrained; the
@@ -263,7 +264,7 @@ def _build_cache(spec: BundledModel, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         cfg_path = tmp / "config.json"
@@ -334,7 +335,7 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device = "auto", 
     if "device_map" not in kwargs and dev.type != "cpu":
         # load straight onto the accelerator rather than through host memory
         kwargs["device_map"] = {"": str(dev)}
-    with _quiet_transformers():
+    with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     model.eval()
     if tokenizer.pad_token is None:

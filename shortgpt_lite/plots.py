@@ -81,16 +81,20 @@ def adjacent_similarity(curves: dict, title: str = "How much one layer turns the
 
 def bi_profile(scores, title: str = "Block Influence per layer", *, lowest: int = 0, ax=None,
                log: bool = False):
-    """Block Influence as one bar per decoder layer; the ``lowest`` layers (the ones ShortGPT
-    removes first) are drawn in a second colour."""
+    """Block Influence per decoder layer, the ``lowest`` layers (the ones ShortGPT removes
+    first) in a second colour: bars on a linear axis, dots on a log axis (``log=True``),
+    where a bar's length would depend on the arbitrary bottom of the axis."""
     s = _numpy(scores)
     ax = _axes(ax, (8, 4))
     palette = sns.color_palette("colorblind")
     removed = set(np.argsort(s, kind="stable")[:lowest].tolist()) if lowest else set()
     colors = [palette[3] if i in removed else palette[0] for i in range(len(s))]
-    ax.bar(np.arange(len(s)), s, color=colors, width=0.8)
     if log:
+        ax.plot(np.arange(len(s)), s, color="lightgray", linewidth=1, zorder=1)
+        ax.scatter(np.arange(len(s)), s, c=colors, s=36, zorder=2)
         ax.set_yscale("log")
+    else:
+        ax.bar(np.arange(len(s)), s, color=colors, width=0.8)
     ax.set_title(title)
     ax.set_xlabel("decoder layer i")
     ax.set_ylabel("BI = 1 − mean cos($x_i$, $x_{i+1}$)" + (" (log scale)" if log else ""))

@@ -46,6 +46,16 @@ def test_bi_profile_one_bar_per_layer_and_lowest_highlighted():
     assert colours[1] == colours[3] != colours[0]
 
 
+def test_bi_profile_on_a_log_axis_draws_dots_not_bars():
+    scores = torch.tensor([1.0, 0.1, 0.03, 0.05, 0.4])
+    ax = plots.bi_profile(scores, title="BI", lowest=2, log=True)
+    assert ax.get_yscale() == "log" and len(ax.patches) == 0
+    dots = ax.collections[0]
+    assert list(dots.get_offsets()[:, 1]) == pytest.approx(scores.tolist())
+    colours = [tuple(c) for c in dots.get_facecolors()]
+    assert colours[2] == colours[3] != colours[0]
+
+
 def test_angular_distance_heatmap_blanks_nan_and_marks_minima():
     n_layers = 6
     d = torch.full((3, n_layers), float("nan"))
