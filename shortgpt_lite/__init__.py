@@ -45,7 +45,7 @@ from .curves import (
 )
 
 # Evaluation and cost
-from .costs import cost, param_counts, prefill_and_decode, serialized_bytes
+from .costs import cost, param_breakdown, param_counts, prefill_and_decode, serialized_bytes
 from .evaluate import (
     DEFAULT_SUITE,
     GENERATION_PROMPTS,
@@ -124,7 +124,7 @@ __all__ = [
     # evaluation and cost
     "DEFAULT_SUITE", "GENERATION_PROMPTS", "binomial_ci", "bootstrap_interval", "cost",
     "evaluate_choices", "evaluate_suite", "generation_samples", "loglikelihoods",
-    "param_counts", "perplexity", "prefill_and_decode", "score_items", "serialized_bytes",
+    "param_breakdown", "param_counts", "perplexity", "prefill_and_decode", "score_items", "serialized_bytes",
     "text_perplexity",
     # baselines and the comparison
     "DEFAULT_CORPORA", "DOMAINS", "METHODS", "ContextPlan", "ContextStatistics",

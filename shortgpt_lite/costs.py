@@ -31,6 +31,7 @@ from .quantize import is_quantized
 __all__ = [
     "PeakMemory",
     "cost",
+    "param_breakdown",
     "param_counts",
     "prefill_and_decode",
     "safetensors_bytes",
@@ -113,6 +114,26 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
     zeros lower; removing layers lowers both."""
     params = list(model.parameters())
     return (sum(p.numel() for p in params), sum(int(torch.count_nonzero(p)) for p in params))
+
+
+def param_breakdown(model: nn.Module) -> dict:
+    """Where the parameters are: ``embedding`` (the input embedding), ``head`` (the output
+    projection, 0 when it is tied to the embedding), ``blocks`` (all decoder blocks),
+    ``per_block`` (their mean), ``other`` (final norm and the rest) and ``total``. Depth
+    pruning removes only from ``blocks``, so ``(embedding + head) / total`` is the share
+    it can never save."""
+    from .layers import decoder_layers
+
+    total = param_counts(model)[0]
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    head_n = 0 if head is None or head.weight.data_ptr() == embedding.data_ptr() \
+        else head.weight.numel()
+    layers = decoder_layers(model)
+    blocks = sum(p.numel() for layer in layers for p in layer.parameters())
+    return {"embedding": embedding.numel(), "head": head_n, "blocks": blocks,
+            "per_block": blocks / len(layers), "other": total - embedding.numel() - head_n - blocks,
+            "total": total}
 
 
 def weights_bytes(model: nn.Module) -> int:

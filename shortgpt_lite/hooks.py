@@ -62,6 +62,7 @@ __all__ = [
     "layer_similarity",
     "layer_statistics",
     "relative_magnitude_per_token",
+    "update_ratio_per_token",
     "token_cosine",
 ]
 
@@ -86,6 +87,12 @@ def relative_magnitude_per_token(x_in: torch.Tensor, x_out: torch.Tensor) -> tor
     """``‖f(x)‖ / ‖x + f(x)‖`` at each token, with ``f(x) = x_out - x_in``
     (Samragh et al. 2023, arXiv 2312.09299)."""
     return _per_token(x_in, x_out, lambda x, y: _norm(y - x) / _norm(y).clamp_min(_EPS))
+
+
+def update_ratio_per_token(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+    """``‖f(x)‖ / ‖x‖`` at each token, with ``f(x) = x_out - x_in``: how large the block's
+    update is next to the stream it is added to."""
+    return _per_token(x_in, x_out, lambda a, b: _norm(b - a) / _norm(a).clamp_min(_EPS))
 
 
 def angular_distance_per_token(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -124,7 +131,8 @@ def _per_token(a: torch.Tensor, b: torch.Tensor, f) -> torch.Tensor:
 class LayerStatistics:
     """What one hooked pass measured. Tensors are fp32 on the CPU.
 
-    ``block_influence`` and ``relative_magnitude`` have one entry per decoder layer.
+    ``block_influence``, ``relative_magnitude`` and ``update_ratio`` have one entry per
+    decoder layer; ``state_norm`` one per state of the stream, x_0 … x_L.
     ``layer_similarity`` is (L+1)×(L+1) over the states x_0 … x_L. ``angular_distance``
     is N×L: row ``n-1`` holds d(x_ℓ, x_{ℓ+n}) for ℓ = 0 … L-n and NaN after that.
     ``tokens`` counts the non-padding tokens seen; ``pair_tokens`` says which tokens the
@@ -137,6 +145,8 @@ class LayerStatistics:
     layer_similarity: torch.Tensor | None = None
     angular_distance: torch.Tensor | None = None
     pair_tokens: str | None = None
+    state_norm: torch.Tensor | None = None
+    update_ratio: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------- the pass
@@ -147,9 +157,12 @@ class _Collector:
     divides the sums by the token counts."""
 
     def __init__(self, n_layers: int, relative_magnitude: bool, similarity: bool, angular: int,
-                 pair_tokens: str):
+                 pair_tokens: str, norms: bool = False):
         self.n_layers = n_layers
         self.relative_magnitude = relative_magnitude
+        self.norms = norms
+        self.norm_sum: dict[int, torch.Tensor] = {}
+        self.update_sum: dict[int, torch.Tensor] = {}
         self.similarity = similarity
         self.angular = angular
         self.pair_tokens = pair_tokens
@@ -214,6 +227,12 @@ class _Collector:
             self._add(self.bi_sum, i, block_influence_per_token(x_in, x_out), mask)
             if self.relative_magnitude:
                 self._add(self.rm_sum, i, relative_magnitude_per_token(x_in, x_out), mask)
+            if self.norms:
+                self._add(self.norm_sum, i, _per_token(x_in, x_in, lambda a, _: _norm(a)), mask)
+                self._add(self.update_sum, i, update_ratio_per_token(x_in, x_out), mask)
+                if i == self.n_layers - 1:
+                    self._add(self.norm_sum, i + 1, _per_token(x_out, x_out, lambda a, _: _norm(a)),
+                              mask)
             if self.pairs:
                 if i == 0:
                     self._add_state(0, x_in)
@@ -233,6 +252,10 @@ class _Collector:
         stats = LayerStatistics(block_influence=per_layer(self.bi_sum), tokens=self.tokens)
         if self.relative_magnitude:
             stats.relative_magnitude = per_layer(self.rm_sum)
+        if self.norms:
+            stats.update_ratio = per_layer(self.update_sum)
+            stats.state_norm = torch.stack([self.norm_sum[i].detach().float().cpu()
+                                            for i in range(n + 1)]) / self.tokens
         if self.pairs:
             stats.pair_tokens = self.pair_tokens
             count = max(1, self.pair_count)
@@ -251,7 +274,7 @@ class _Collector:
 
 def layer_statistics(model: nn.Module, data, *, batch_size: int = 8,
                      relative_magnitude: bool = False, similarity: bool = False,
-                     angular: int = 0, pair_tokens: str = "all",
+                     angular: int = 0, pair_tokens: str = "all", norms: bool = False,
                      progress: bool = True) -> LayerStatistics:
     """Every per-layer statistic this library uses, from a single hooked forward pass.
 
@@ -259,7 +282,9 @@ def layer_statistics(model: nn.Module, data, *, batch_size: int = 8,
     ``similarity=True`` the (L+1)×(L+1) cosine-similarity matrix of the layer states,
     and ``angular=N`` Gromov et al.'s angular distances for blocks of 1 … N layers.
     ``pair_tokens`` (``"all"`` or ``"last"``) picks the tokens the pairwise statistics
-    average over. The formulas are the kernels at the top of this module. ``data`` is
+    average over. ``norms=True`` adds the mean norm ``E_t‖x_i‖`` of every state of the
+    stream (``state_norm``, L+1 entries, the last one the last block's own output) and the
+    relative size of each block's update ``E_t[‖f_i(x_i)‖ / ‖x_i‖]`` (``update_ratio``). The formulas are the kernels at the top of this module. ``data`` is
     anything :func:`shortgpt_lite.inputs.iter_batches` accepts. The model runs in eval
     mode without gradients and is returned to its previous mode afterwards.
     """
@@ -270,7 +295,7 @@ def layer_statistics(model: nn.Module, data, *, batch_size: int = 8,
                          f"the number of layers ({n}); got {angular!r}.")
     if pair_tokens not in ("all", "last"):
         raise ValueError(f"pair_tokens must be 'all' or 'last', got {pair_tokens!r}.")
-    collector = _Collector(n, relative_magnitude, similarity, angular, pair_tokens)
+    collector = _Collector(n, relative_magnitude, similarity, angular, pair_tokens, norms)
     handles = [layer.register_forward_hook(collector.hook(i), with_kwargs=True)
                for i, layer in enumerate(layers)]
     was_training = model.training

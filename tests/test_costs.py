@@ -87,3 +87,18 @@ def test_timed_waits_for_the_device_and_measures_the_call(monkeypatch):
     device = torch.device("cpu")
     assert timed(lambda: sum(range(10_000)), device) > 0
     assert synced == [device, device]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_param_breakdown_adds_up_and_sees_a_tied_head(tie):
+    from shortgpt_lite.costs import param_breakdown
+    from tiny import tiny_llama
+
+    model = tiny_llama(layers=3, tie=tie)
+    b = param_breakdown(model)
+    assert b["embedding"] == 128 * 32 and b["head"] == (0 if tie else 128 * 32)
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert b["blocks"] == 3 * block and b["per_block"] == block
+    assert b["other"] == 32  # the final RMSNorm
+    assert b["embedding"] + b["head"] + b["blocks"] + b["other"] == b["total"]
+    assert b["total"] == sum(p.numel() for p in model.parameters())

@@ -270,3 +270,20 @@ def test_bi_on_cuda_in_bf16_matches_cpu():
     bi = block_influence(gpu, ids, progress=False)
     assert torch.isfinite(bi).all()
     torch.testing.assert_close(bi, expected, atol=2e-2, rtol=0)
+
+
+def test_norms_of_the_stream_and_relative_updates_match_the_hidden_states():
+    from tiny import random_windows, tiny_llama
+
+    model = tiny_llama(layers=4)
+    windows = random_windows(n=3, length=10)
+    stats = layer_statistics(model, windows, norms=True, progress=False)
+    with torch.no_grad():
+        hs = model(windows, output_hidden_states=True).hidden_states  # last one after the norm
+    norms = torch.stack([h.norm(dim=-1).mean() for h in hs[:-1]])
+    torch.testing.assert_close(stats.state_norm[:4], norms, rtol=1e-5, atol=1e-5)
+    ratio = torch.stack([((hs[i + 1] - hs[i]).norm(dim=-1) / hs[i].norm(dim=-1)).mean()
+                         for i in range(3)])
+    torch.testing.assert_close(stats.update_ratio[:3], ratio, rtol=1e-5, atol=1e-5)
+    assert stats.state_norm.shape == (5,) and stats.update_ratio.shape == (4,)
+    assert layer_statistics(model, windows, progress=False).state_norm is None
