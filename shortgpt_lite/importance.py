@@ -56,13 +56,16 @@ _NEEDS_DATA = {"bi", "angular", "relative_magnitude", "ppl", "taylor"}
 
 
 def layer_importance(model: nn.Module, data=None, metric: str = "bi", *, batch_size: int = 8,
-                     progress: bool = True, seed: int = 0, tokens: str = "last") -> torch.Tensor:
+                     progress: bool = True, seed: int = 0, tokens: str = "last",
+                     share_prefix: bool = True) -> torch.Tensor:
     """One fp32 score per decoder layer (``Tensor[L]`` on the CPU); lower = remove first.
 
     ``metric`` is one of :data:`METRICS`. ``data`` (token windows or batches, see
     :func:`shortgpt_lite.inputs.iter_batches`) is needed by every metric except
     ``sequential``, ``reverse`` and ``random``. ``seed`` drives ``random``; ``tokens``
     (``"last"`` or ``"all"``) picks the tokens ``angular`` averages over.
+    ``share_prefix=False`` makes ``ppl`` run the whole model for every skipped layer
+    instead of starting from the recorded state before it (the same scores, slower).
 
     Cost: ``bi``, ``angular`` and ``relative_magnitude`` take one forward pass that stops
     after the last layer; ``ppl`` takes L full forward passes; ``taylor`` one forward and
@@ -91,7 +94,7 @@ def layer_importance(model: nn.Module, data=None, metric: str = "bi", *, batch_s
         generator = torch.Generator().manual_seed(seed)
         return torch.randperm(n, generator=generator).float()
     if metric == "ppl":
-        return _perplexity_without_each_layer(model, data, batch_size, progress)
+        return _perplexity_without_each_layer(model, data, batch_size, progress, share_prefix)
     return _taylor(model, data, batch_size, progress)
 
 
@@ -149,21 +152,23 @@ def skip_layer(layer: nn.Module, returns_tuple_of: int | None = None):
         yield layer
 
 
-def _perplexity_without_each_layer(model, data, batch_size, progress) -> torch.Tensor:
+def _perplexity_without_each_layer(model, data, batch_size, progress,
+                                   share_prefix: bool = True) -> torch.Tensor:
     """``PPL_i = exp( Σ NLL / #tokens )`` on ``data`` with layer ``i`` alone skipped.
 
     Skipping layer ``i`` leaves layers ``0 .. i-1`` as they were, so one unpruned pass
     records the state entering every layer and each skip starts there
     (:class:`shortgpt_lite.prefix.SharedPrefix`): about ``L/2 + 1`` passes instead of
     ``L``. When those states would take more than ``_PREFIX_BYTES`` (a large model on much
-    data), every skip runs the whole model instead.
+    data), or with ``share_prefix=False``, every skip runs the whole model instead.
     """
     layers = decoder_layers(model)
     batches = list(iter_batches(data, batch_size))
     width = getattr(getattr(model, "config", None), "hidden_size", None) or 0
     states = sum(int(ids.numel()) for ids, _ in batches) * width * (len(layers) - 1) \
         * next(model.parameters()).element_size()
-    prefix = SharedPrefix(model, range(1, len(layers)) if states <= _PREFIX_BYTES else [])
+    shared = share_prefix and states <= _PREFIX_BYTES
+    prefix = SharedPrefix(model, range(1, len(layers)) if shared else [])
     was_training = model.training
     model.eval()
 

@@ -65,6 +65,9 @@ def test_prefix_sweep_computes_what_the_pruned_copies_compute():
     assert "10 Block Influence plans (k = 1 .. 10)" in run.stdout
     worst = float(run.stdout.split("mean NLL between the two: ")[1].split()[0])
     assert worst < 1e-4
+    assert "every skip in full" in run.stdout and "from the shared prefix" in run.stdout
+    scores = float(run.stdout.split("between the two sets of scores: ")[1].split()[0])
+    assert scores < 1e-2  # perplexities in the thousands, equal to float rounding
 
 
 def _module_name(path: Path) -> list[str]:

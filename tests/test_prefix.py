@@ -76,6 +76,10 @@ def test_skip_one_perplexity_is_the_same_with_and_without_the_prefix(monkeypatch
     model = tiny_model("llama", layers=5)
     data = random_windows(n=4, length=12)
     shared = sgl.layer_importance(model, data, "ppl", batch_size=2, progress=False)
-    monkeypatch.setattr(importance, "_PREFIX_BYTES", 0)
-    full = sgl.layer_importance(model, data, "ppl", batch_size=2, progress=False)
+    full = sgl.layer_importance(model, data, "ppl", batch_size=2, progress=False,
+                                share_prefix=False)
     torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(importance, "_PREFIX_BYTES", 0)  # too large to record: full passes
+    torch.testing.assert_close(
+        sgl.layer_importance(model, data, "ppl", batch_size=2, progress=False), full,
+        rtol=1e-5, atol=1e-5)

@@ -17,8 +17,8 @@ from ..removal import remove_layers
 from .common import benchmark, interleaved_times, model_and_windows, print_times
 
 
-@benchmark("prefix", "removal plans k = 1 .. L/3 of Block Influence: perplexity from the shared "
-                     "prefix vs on pruned copies")
+@benchmark("prefix", "removal plans k = 1 .. L/3 of Block Influence and the skip-one ppl metric: "
+                     "from the shared prefix vs full passes")
 def bench_prefix(args) -> None:
     model, tokenizer, windows = model_and_windows(args, "evaluation", 4096)
     device = input_device(model)
@@ -53,3 +53,20 @@ def bench_prefix(args) -> None:
     worst = max(abs(a - b) for a, b in zip(results["copies"], results["shared"]))
     print(f"largest difference in mean NLL between the two: {worst:.2g} nats "
           f"(perplexities {', '.join(f'{math.exp(x):.4g}' for x in results['shared'])})")
+
+    calibration = windows[: max(1, len(windows) // 2)]
+    scores = {}
+
+    def skip_one(share):
+        def run():
+            scores[share] = layer_importance(model, calibration, "ppl", batch_size=batch,
+                                             progress=False, share_prefix=share)
+        return run
+
+    print(f"\nthe ppl metric (perplexity with each of the {n} layers skipped) on "
+          f"{calibration.numel()} tokens")
+    print_times(interleaved_times({"every skip in full": skip_one(False),
+                                   "from the shared prefix": skip_one(True)},
+                                  args.repeats, device), calibration.numel() * n)
+    print(f"largest difference between the two sets of scores: "
+          f"{float((scores[True] - scores[False]).abs().max()):.2g}")
