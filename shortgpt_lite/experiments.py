@@ -654,9 +654,15 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _cache_root(params: dict) -> Path:
+    """Where :func:`reference` computes a run: one folder per parameter key, so runs with
+    other parameters sit side by side in the cache."""
+    return cache_dir() / "results" / params_key(params)
+
+
 def find(name: str, model: str, params: dict) -> Result | None:
     """The first finished stored run of ``name`` for ``model`` with exactly ``params``."""
-    for root in results_dirs():
+    for root in results_dirs() + [_cache_root(params)]:
         found = _load(root / _safe(model) / name, name)
         if found is not None and found.provenance.get("status") == "complete" \
                 and found.params == params:
@@ -668,12 +674,14 @@ def reference(name: str, model: str = "smollm2-135m", *, loaded=None, device: st
               progress: bool = True, **params) -> Result:
     """The reference run of ``name`` for ``model``: stored when one exists for exactly
     these parameters (:func:`standard_params` with ``params`` on top), else computed now
-    and kept in the user's cache for the next call."""
+    and kept in the user's cache, under the parameters' key, for the next call (an
+    interrupted computation resumes there)."""
     full = _full_params(name, model, params)
     found = find(name, model, full)
     if found is not None:
         return found
-    return run(name, model, loaded=loaded, device=device, progress=progress, **params)
+    return run(name, model, out=_cache_root(full), loaded=loaded, device=device,
+               progress=progress, **params)
 
 
 def check(result: Result, loaded=None) -> list[str]:

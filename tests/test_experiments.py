@@ -109,8 +109,16 @@ def test_reference_loads_exactly_matching_parameters_and_computes_others(tiny, i
     assert loaded.path == stored.path
     other = ex.reference("removal", "tiny", loaded=tiny, progress=False, **{**SMALL,
                                                                           "max_remove": 1})
-    assert other.path == isolated / "cache" / "results" / "tiny" / "removal"
+    key = ex.params_key(other.params)
+    assert other.path == isolated / "cache" / "results" / key / "tiny" / "removal"
     assert other.params["max_remove"] == 1
+    # a third parameter set sits beside the second, and the second is found again
+    third = ex.reference("removal", "tiny", loaded=tiny, progress=False, **{**SMALL,
+                                                                          "max_remove": 3})
+    assert third.path != other.path and third.params["max_remove"] == 3
+    again = ex.reference("removal", "tiny", loaded=tiny, progress=False, **{**SMALL,
+                                                                          "max_remove": 1})
+    assert again.path == other.path
 
 
 def test_check_passes_a_fresh_run_and_fails_edited_or_stale_ones(tiny, isolated):
