@@ -224,18 +224,25 @@ def _random_band(ax, part, color, label):
             label=f"{label} (median and range of {wide.shape[1]} seeds)")
 
 
-def removal_overview(curves, title: str, *, data_free=("sequential", "reverse", "random")):
+def removal_overview(curves, title: str, *, data_free=("sequential", "reverse", "random"),
+                     off_scale: float = 10.0):
     """Two panels from :func:`shortgpt_lite.curves.curve_table`: every ordering on a log
     axis (random seeds as a median line and a range band), and the data-driven metrics
     alone on a linear axis with their 95% bootstrap bands over windows, where their
-    differences can be seen."""
+    differences can be seen. A data-driven metric whose worst perplexity is more than
+    ``off_scale`` times the others' best worst would flatten that axis; it is left out of
+    the linear panel and named in its title (the log panel shows it)."""
     families = list(dict.fromkeys(curves["family"]))
+    worst = curves.groupby("family")["ppl"].max()
+    driven = [f for f in families if f not in data_free]
+    limit = off_scale * worst[driven].min() if driven else float("inf")
+    dropped = [f for f in driven if worst[f] > limit]
     palette = dict(zip(families, sns.color_palette("colorblind", len(families))))
     markers = dict(zip(families, "osD^vP*Xph"))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1.15]})
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [1, 1.15]})
     for ax, free in zip(axes, (True, False)):
         for fam in families:
-            if not free and fam in data_free:
+            if not free and (fam in data_free or fam in dropped):
                 continue
             part = curves[curves["family"] == fam].sort_values("k")
             if fam == "random":
@@ -251,10 +258,11 @@ def removal_overview(curves, title: str, *, data_free=("sequential", "reverse", 
     axes[0].set_yscale("log")
     axes[0].set_ylabel("perplexity (log scale)")
     axes[0].set_title("All orderings")
-    axes[0].legend(fontsize="small")
     axes[1].set_ylabel("perplexity (linear scale)")
-    axes[1].set_title("Data-driven metrics, 95% bands over windows")
-    axes[1].legend(fontsize="small")
+    axes[1].set_title("Data-driven metrics, 95% bands over windows"
+                      + (f"\n(off this scale: {', '.join(dropped)})" if dropped else ""))
+    for ax in axes:
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     fig.suptitle(title, fontweight="bold")
     fig.tight_layout()
     return fig
@@ -281,6 +289,7 @@ def accuracy_dots(acc, title: str, *, chance: float | None = None):
     ax.invert_yaxis()
     ax.set_xlabel("accuracy, pooled over the items (95% Wilson interval)")
     ax.set_title(title)
-    ax.legend(fontsize="small", loc="lower left")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12),
+              ncol=len(ks) + (chance is not None))
     fig.tight_layout()
     return fig

@@ -4,6 +4,7 @@ checked against values computed by hand from the stored rows."""
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from shortgpt_lite import curves
@@ -96,6 +97,15 @@ def test_the_overview_and_accuracy_figures_draw_what_the_tables_hold(run):
     labels = [t.get_text() for t in left.get_legend().get_texts()]
     assert "random (median and range of 3 seeds)" in labels and "reverse" in labels
     assert [t.get_text() for t in right.get_legend().get_texts()] == ["bi"]
+    # a metric far off the others' scale leaves the linear panel, named in its title
+    wild = table.copy()
+    wild.loc[wild["ordering"] == "bi", "family"] = "wild"
+    wild = pd.concat([wild, table[table["ordering"] == "bi"].assign(
+        family="calm", ordering="calm", ppl=lambda d: d["ppl"] / 100)])
+    fig2 = removal_overview(wild, "tiny")
+    assert [t.get_text() for t in fig2.axes[1].get_legend().get_texts()] == ["calm"]
+    assert "off this scale: wild" in fig2.axes[1].get_title()
+    plt.close(fig2)
     bi = table[table["ordering"] == "bi"].sort_values("k")
     assert list(right.lines[0].get_ydata()) == pytest.approx(list(bi["ppl"]))
     plt.close(fig)
