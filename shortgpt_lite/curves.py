@@ -67,9 +67,15 @@ def _ks(result: Result, ks) -> list[int]:
 
 
 def _per_window_auc(result: Result, ks) -> pd.DataFrame:
+    """Each window's mean NLL over ``ks``, one column per ordering, and the random seeds'
+    mean as ``random``."""
     nll = window_nll(result)
     keep = [c for c in nll.columns if c[1] in ks]
-    return nll[keep].T.groupby(level="ordering").mean().T
+    auc = nll[keep].T.groupby(level="ordering").mean().T
+    seeds = [c for c in auc.columns if family(c) == "random" and c != "random"]
+    if seeds:
+        auc["random"] = auc[seeds].mean(axis=1)
+    return auc
 
 
 def area_under_curve(result: Result, *, ks=None, n_boot: int = 2000,
@@ -78,9 +84,6 @@ def area_under_curve(result: Result, *, ks=None, n_boot: int = 2000,
     with a 95% bootstrap interval over windows; random seeds also pooled as ``random``
     (the mean of their curves). Sorted best first."""
     auc = _per_window_auc(result, _ks(result, ks))
-    seeds = [c for c in auc.columns if family(c) == "random" and c != "random"]
-    if seeds:
-        auc["random"] = auc[seeds].mean(axis=1)
     rows = []
     for o, values in auc.items():
         low, high = bootstrap_interval(values.to_numpy(), n_boot=n_boot, seed=seed)
@@ -96,9 +99,6 @@ def compare_orderings(result: Result, a: str, b: str, *, ks=None, n_boot: int = 
     with a paired bootstrap over windows; ``random`` means the mean of the seeds.
     ``ratio`` is ``exp`` of the difference: the geometric-mean factor of perplexity."""
     auc = _per_window_auc(result, _ks(result, ks))
-    seeds = [c for c in auc.columns if family(c) == "random" and c != "random"]
-    if seeds:
-        auc["random"] = auc[seeds].mean(axis=1)
     for name in (a, b):
         if name not in auc.columns:
             raise ValueError(f"No ordering {name!r} in this run; it has "
@@ -141,30 +141,29 @@ def accuracy_table(result: Result, *, by_task: bool = False) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _verdicts(items: pd.DataFrame, name: str, k: int) -> pd.Series:
+    """Each item's verdict under ``name`` at ``k``; ``random`` is the mean over its seeds."""
+    at_k = items[items["k"] == k]
+    part = at_k[at_k["ordering"].map(family) == "random"] if name == "random" \
+        else at_k[at_k["ordering"] == name]
+    if part.empty:
+        raise ValueError(f"No items for ordering {name!r} at k = {k}.")
+    return part.groupby("item")["correct"].mean()
+
+
 def compare_accuracy(result: Result, a: str, b: str, k: int, *, n_boot: int = 2000,
                      seed: int = 0) -> dict:
     """Accuracy of ordering ``a`` minus that of ``b`` at ``k``, paired over the same items;
     ``random`` means the mean verdict over its seeds."""
-    df = _items(result)
-    df = df[df["k"] == k]
-
-    def verdicts(name):
-        part = df[df["ordering"].map(family) == "random"] if name == "random" \
-            else df[df["ordering"] == name]
-        if part.empty:
-            raise ValueError(f"No items for ordering {name!r} at k = {k}.")
-        return part.groupby("item")["correct"].mean()
-
-    return paired_difference(verdicts(a), verdicts(b), n_boot=n_boot, seed=seed)
+    items = _items(result)
+    return paired_difference(_verdicts(items, a, k), _verdicts(items, b, k), n_boot=n_boot,
+                             seed=seed)
 
 
 def accuracy_drop(result: Result, ordering: str, k: int, *, n_boot: int = 2000,
                   seed: int = 0) -> dict:
     """Accuracy of ``ordering`` at ``k`` minus the unpruned model's, paired over items."""
-    df = _items(result)
-    base = df[df["k"] == 0].groupby("item")["correct"].first()
-    part = df[(df["k"] == k) & ((df["ordering"] == ordering) |
-                                ((ordering == "random") & (df["ordering"].map(family) == "random")))]
-    return paired_difference(part.groupby("item")["correct"].mean(), base, n_boot=n_boot,
-                             seed=seed)
+    items = _items(result)
+    base = items[items["k"] == 0].groupby("item")["correct"].first()
+    return paired_difference(_verdicts(items, ordering, k), base, n_boot=n_boot, seed=seed)
 
