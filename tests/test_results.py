@@ -20,12 +20,18 @@ def test_every_bundled_model_has_its_stored_runs():
     assert set(ex.STANDARD) <= set(BUNDLED_MODELS)
 
 
+# The session fixtures of conftest.py, so each bundled model loads once for all its runs.
+FIXTURES = {"smollm2-135m": "smollm2", "gemma3-270m": "gemma3"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", STORED, ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}")
-def test_stored_result_reproduces(path):
+def test_stored_result_reproduces(path, request):
     result = ex.load_result(path.parent)
     assert result.model == path.parent.parent.name and result.name == path.parent.name
     assert result.params == ex.standard_params(result.name, result.model), \
         "the stored run is not the one STANDARD describes; run make results"
-    problems = ex.check(result, loaded=load_model(result.model, device="cpu"))
+    loaded = request.getfixturevalue(FIXTURES[result.model]) if result.model in FIXTURES \
+        else load_model(result.model, device="cpu")
+    problems = ex.check(result, loaded=loaded)
     assert problems == [], "\n".join(problems)
