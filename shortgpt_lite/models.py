@@ -14,6 +14,7 @@ full disk, a copy cut short) is noticed on load and rebuilt.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -232,13 +233,20 @@ def quiet_transformers():
     """transformers' own progress bars (loading weights, de-quantising, writing shards) off
     for the ``with``: they are noise in a chapter's outputs. The library's own tqdm bars,
     which a reader waits on, are not affected."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    # The GGUF de-quantisation bar is a plain tqdm that transformers' switch does not reach.
+    gguf_bar = getattr(gguf_utils, "tqdm", None)
+    if gguf_bar is not None:
+        gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
     try:
         yield
     finally:
+        if gguf_bar is not None:
+            gguf_utils.tqdm = gguf_bar
         if was_on:
             hf_logging.enable_progress_bar()
 

@@ -64,7 +64,7 @@ def test_cache_is_written_complete(smollm2):
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".smollm2")]
 
 
-def test_interrupted_cache_write_is_never_used(tmp_path, monkeypatch):
+def test_interrupted_cache_write_is_never_used(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("SHORTGPT_LITE_CACHE", str(tmp_path))
     spec = BUNDLED_MODELS["smollm2-135m"]
 
@@ -89,6 +89,8 @@ def test_interrupted_cache_write_is_never_used(tmp_path, monkeypatch):
     model, tokenizer = load_model("smollm2-135m", device="cpu")
     assert model.config.num_hidden_layers == 30
     assert (leftover / "COMPLETE").is_file()
+    # building the cache de-quantises the GGUF without printing transformers' bar
+    assert "de-quantizing" not in capfd.readouterr().err
 
 
 def copy_of_cache(smollm2, tmp_path, monkeypatch):
