@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -36,6 +35,8 @@ __all__ = [
     "prefill_and_decode",
     "safetensors_bytes",
     "serialized_bytes",
+    "speed_runs",
+    "summarise_speeds",
     "synchronize",
     "timed",
     "weights_bytes",
@@ -61,30 +62,21 @@ def timed(f: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def prefill_and_decode(model: nn.Module, seq_len: int = 512, decode_tokens: int = 32,
-                       repeats: int = 5, seed: int = 0) -> dict:
-    """Prefill latency and decode speed at batch 1: the median of ``repeats`` runs after
-    one warm-up run (kernels, allocator, thread pool).
-
-    * ``prefill_seconds``: one forward pass over a ``seq_len``-token prompt, filling the
-      KV cache and computing the next token's logits (time to first token);
-    * ``decode_tokens_per_s``: ``decode_tokens`` greedy steps with that KV cache.
-
-    The prompt is random token ids (seeded): the speed depends on the number of tokens,
-    not on which they are. Works for any causal LM, int8-quantized ones included.
-    """
+def _speed_probe(model: nn.Module, seq_len: int, decode_tokens: int, seed: int):
+    """A function that runs one prefill of a ``seq_len``-token prompt and ``decode_tokens``
+    greedy steps on ``model`` and returns (prefill seconds, decode tokens per second)."""
     max_pos = max_positions(model)
     if max_pos is not None and seq_len + decode_tokens > max_pos:
         raise ValueError(f"A {seq_len}-token prompt plus {decode_tokens} decoded tokens needs more "
                          f"than the model's {max_pos} positions; use a shorter seq_len.")
-    if repeats < 1 or decode_tokens < 1:
-        raise ValueError("repeats and decode_tokens must be at least 1.")
+    if decode_tokens < 1:
+        raise ValueError("decode_tokens must be at least 1.")
     device = input_device(model)
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab_rows(model), (1, seq_len), generator=gen).to(device)
     cache = cache_keyword(model)
 
-    def once(n_decode: int) -> tuple[float, float]:
+    def once() -> tuple[float, float]:
         state = {}
 
         def prefill():
@@ -92,17 +84,76 @@ def prefill_and_decode(model: nn.Module, seq_len: int = 512, decode_tokens: int 
 
         def decode():
             out = state["out"]
-            for _ in range(n_decode):
+            for _ in range(decode_tokens):
                 token = out.logits[:, -1:].argmax(-1)
                 out = model(token, use_cache=True, **{cache: out[cache]})
 
-        return timed(prefill, device), n_decode / timed(decode, device)
+        with torch.inference_mode():
+            return timed(prefill, device), decode_tokens / timed(decode, device)
 
-    with torch.inference_mode():
-        once(min(decode_tokens, 4))
-        runs = [once(decode_tokens) for _ in range(repeats)]
-    return {"prefill_seconds": statistics.median(r[0] for r in runs),
-            "decode_tokens_per_s": statistics.median(r[1] for r in runs)}
+    return once
+
+
+def speed_runs(models: Mapping[str, nn.Module], seq_len: int = 512, decode_tokens: int = 32,
+               repeats: int = 5, seed: int = 0, progress: bool = False) -> pd.DataFrame:
+    """Every timed run of every model, one row each: ``model``, ``repeat``, ``position``
+    (its place in that repeat's order), ``prefill_seconds``, ``decode_tokens_per_s``.
+
+    Models are compared fairly only when none of them is favoured by when it runs. Every
+    model first runs once untimed (kernels, allocator, thread pool, caches of its own
+    weights); then each repeat runs every model once, in an order that alternates, first to
+    last and last to first, so warm-up left over and drifting load from other processes
+    fall on all of them alike.
+    """
+    if not models:
+        raise ValueError("No models given; pass a dict {name: model}.")
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1.")
+    probes = {name: _speed_probe(m, seq_len, decode_tokens, seed) for name, m in models.items()}
+    for probe in probes.values():
+        probe()
+    names, rows = list(probes), []
+    for r in tqdm(range(repeats), desc="timing", unit="repeat", disable=not progress):
+        for position, name in enumerate(names if r % 2 == 0 else names[::-1]):
+            prefill, tps = probes[name]()
+            rows.append({"model": name, "repeat": r, "position": position,
+                         "prefill_seconds": prefill, "decode_tokens_per_s": tps})
+    return pd.DataFrame(rows)
+
+
+def summarise_speeds(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per model of :func:`speed_runs`: the fastest run (``prefill_seconds``, the
+    minimum; ``decode_tokens_per_s``, the maximum), which is the least disturbed by anything
+    else on the machine, and the spread, ``(slowest - fastest) / fastest``, which says how
+    disturbed the others were."""
+    g = runs.groupby("model", sort=False)
+    prefill, decode = g["prefill_seconds"], g["decode_tokens_per_s"]
+    return pd.DataFrame({
+        "prefill_seconds": prefill.min(),
+        "prefill_spread": prefill.max() / prefill.min() - 1,
+        "decode_tokens_per_s": decode.max(),
+        "decode_spread": decode.max() / decode.min() - 1,
+        "timing_repeats": g.size(),
+    })
+
+
+def prefill_and_decode(model: nn.Module, seq_len: int = 512, decode_tokens: int = 32,
+                       repeats: int = 5, seed: int = 0) -> dict:
+    """Prefill latency and decode speed of one model at batch 1, after one untimed run:
+    the fastest of ``repeats`` runs, with the spread (:func:`summarise_speeds`).
+
+    * ``prefill_seconds``: one forward pass over a ``seq_len``-token prompt, filling the
+      KV cache and computing the next token's logits (time to first token);
+    * ``decode_tokens_per_s``: ``decode_tokens`` greedy steps with that KV cache.
+
+    The prompt is random token ids (seeded): the speed depends on the number of tokens,
+    not on which they are. Works for any causal LM, int8-quantized ones included. To
+    compare models, time them together with :func:`speed_runs` (or :func:`cost` with a
+    dict), never one after the other.
+    """
+    runs = speed_runs({"model": model}, seq_len, decode_tokens, repeats, seed)
+    row = summarise_speeds(runs).iloc[0].to_dict()
+    return {**row, "timing_repeats": int(row["timing_repeats"])}
 
 
 # ----------------------------------------------------------------------------- storage
@@ -229,10 +280,10 @@ class PeakMemory:
 # -------------------------------------------------------------------------------- cost
 
 
-def _cost_one(model, seq_len: int, decode_tokens: int, repeats: int, seed: int) -> dict:
+def _size_and_memory(model, seq_len: int, decode_tokens: int, seed: int) -> dict:
     device = input_device(model)
     with PeakMemory(device) as peak:
-        speed = prefill_and_decode(model, seq_len, decode_tokens, repeats, seed)
+        _speed_probe(model, seq_len, decode_tokens, seed)()
     total, nonzero = param_counts(model)
     weights = weights_bytes(model)
     return {
@@ -244,10 +295,8 @@ def _cost_one(model, seq_len: int, decode_tokens: int, repeats: int, seed: int) 
         "peak_memory_bytes": weights + peak.extra,
         "peak_memory_measure": peak.kind,
         "prefill_tokens": seq_len,
-        **speed,
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "repeats": repeats,
     }
 
 
@@ -259,12 +308,13 @@ def cost(model, seq_len: int = 512, decode_tokens: int = 32, repeats: int = 5,
     * ``safetensors_bytes``: the size of the model written as one safetensors file (it
       is written to a temporary folder and measured); ``weights_bytes``: parameters and
       buffers in memory;
-    * ``peak_memory_bytes``: ``weights_bytes`` plus the extra memory at the peak of the
-      prefill and decode runs. On CUDA the extra is from
+    * ``peak_memory_bytes``: ``weights_bytes`` plus the extra memory at the peak of one
+      prefill and decode run. On CUDA the extra is from
       ``torch.cuda.max_memory_allocated``; on a Linux CPU it is the growth of the process's
       peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``), which counts
       every allocation including the allocator's slack. ``peak_memory_measure`` says which;
-    * ``prefill_seconds`` and ``decode_tokens_per_s``: :func:`prefill_and_decode`.
+    * ``prefill_seconds``, ``decode_tokens_per_s`` and their spreads: the fastest of
+      ``repeats`` runs, all models timed together, interleaved (:func:`speed_runs`).
 
     ``model`` is one model (returns a dict) or a mapping ``{name: model}`` (returns a
     DataFrame indexed by name, so a dense and a pruned model sit side by side).
@@ -272,7 +322,15 @@ def cost(model, seq_len: int = 512, decode_tokens: int = 32, repeats: int = 5,
     if isinstance(model, Mapping):
         if not model:
             raise ValueError("No models given; pass a model or a dict {name: model}.")
-        rows = {name: _cost_one(m, seq_len, decode_tokens, repeats, seed)
-                for name, m in tqdm(model.items(), desc="cost", disable=len(model) < 2)}
-        return pd.DataFrame.from_dict(rows, orient="index")
-    return _cost_one(model, seq_len, decode_tokens, repeats, seed)
+        models = dict(model)
+    else:
+        models = {"model": model}
+    sizes = {name: _size_and_memory(m, seq_len, decode_tokens, seed)
+             for name, m in tqdm(models.items(), desc="sizes", disable=len(models) < 2)}
+    speeds = summarise_speeds(speed_runs(models, seq_len, decode_tokens, repeats, seed,
+                                         progress=len(models) > 1))
+    table = pd.DataFrame.from_dict(sizes, orient="index").join(speeds)
+    table["timing_repeats"] = table["timing_repeats"].astype(int)
+    if isinstance(model, Mapping):
+        return table
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in table.iloc[0].items()}

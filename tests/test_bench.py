@@ -14,8 +14,8 @@ import shortgpt_lite
 from shortgpt_lite.bench import BENCHES
 
 # The benchmarks the command line offered when it was one module, bench.py, and the
-# shared-prefix sweep.
-NAMES = ("load", "bi", "eval", "cost", "wanda", "context", "prefix")
+# shared-prefix sweep and the timing protocols.
+NAMES = ("load", "bi", "eval", "cost", "wanda", "context", "prefix", "timing")
 PACKAGE = Path(shortgpt_lite.__file__).parent
 
 

@@ -74,10 +74,14 @@ def test_one_timer_for_float_and_int8_models(tiny):
     model, _ = tiny
     for m in (model, quantize_int8(model)):
         speed = prefill_and_decode(m, seq_len=8, decode_tokens=3, repeats=2)
-        assert set(speed) == {"prefill_seconds", "decode_tokens_per_s"}
+        assert set(speed) == {"prefill_seconds", "prefill_spread", "decode_tokens_per_s",
+                              "decode_spread", "timing_repeats"}
         assert speed["prefill_seconds"] > 0 and speed["decode_tokens_per_s"] > 0
+        assert speed["prefill_spread"] >= 0 and speed["timing_repeats"] == 2
     with pytest.raises(ValueError, match="at least 1"):
         prefill_and_decode(model, seq_len=8, decode_tokens=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        prefill_and_decode(model, seq_len=8, repeats=0)
     assert serialized_bytes(quantize_int8(model)) < serialized_bytes(model)
 
 
@@ -102,3 +106,33 @@ def test_param_breakdown_adds_up_and_sees_a_tied_head(tie):
     assert b["other"] == 32  # the final RMSNorm
     assert b["embedding"] + b["head"] + b["blocks"] + b["other"] == b["total"]
     assert b["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_models_are_warmed_up_first_then_timed_in_alternating_order(monkeypatch):
+    """No model is favoured by when it runs: all warm up before any is timed, and each
+    repeat reverses the order of the one before."""
+    calls = []
+    timings = {"a": [9.0, 1.0, 2.0, 3.0, 4.0], "b": [9.0, 2.0, 2.0, 2.0, 2.0],
+               "c": [9.0, 5.0, 4.0, 6.0, 4.0]}
+
+    def probe(model, seq_len, decode_tokens, seed):
+        def once():
+            calls.append(model)
+            t = timings[model][sum(c == model for c in calls) - 1]
+            return t, 10 / t
+        return once
+
+    monkeypatch.setattr(costs, "_speed_probe", probe)
+    runs = costs.speed_runs({"a": "a", "b": "b", "c": "c"}, repeats=4)
+    assert calls[:3] == ["a", "b", "c"]  # the untimed warm-ups, before any timed run
+    assert calls[3:] == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
+    assert 9.0 not in runs["prefill_seconds"].tolist()  # warm-ups are not reported
+    assert runs.groupby("model")["position"].mean().nunique() == 1  # every place alike
+    summary = costs.summarise_speeds(runs)
+    assert summary.loc["a", "prefill_seconds"] == 1.0 and summary.loc["c", "prefill_seconds"] == 4.0
+    assert summary.loc["a", "prefill_spread"] == pytest.approx(3.0)  # (4 - 1) / 1
+    assert summary.loc["b", "prefill_spread"] == 0.0
+    assert summary.loc["c", "decode_tokens_per_s"] == pytest.approx(10 / 4)
+    assert summary.loc["c", "decode_spread"] == pytest.approx((10 / 4) / (10 / 6) - 1)
+    with pytest.raises(ValueError, match="No models"):
+        costs.speed_runs({})

@@ -3,10 +3,8 @@ sparsity, in prefill latency and decode speed at batch 1."""
 
 from __future__ import annotations
 
-import statistics
-
 from ..context import context_plan, context_prune, context_statistics, domain_windows
-from ..costs import prefill_and_decode
+from ..costs import speed_runs, summarise_speeds
 from ..inputs import input_device
 from ..models import load_model
 from ..provenance import machine
@@ -26,21 +24,15 @@ def bench_context(args) -> None:
     print(f"machine: {machine()}")
     print(f"model: {args.model}, {model.dtype}, on {device}; statistics from {windows.numel()} "
           f"law tokens; prefill of {seq_len} tokens and {DECODE_TOKENS} decode steps at batch 1, "
-          f"median of {args.repeats}")
+          f"fastest of {args.repeats} interleaved repeats")
     print(f"{'MLP neurons pruned':<19} {'model':<10} {'intermediate':>12} {'params (M)':>10} "
           f"{'prefill s':>9} {'decode tok/s':>12} {'prefill speedup':>15} {'decode speedup':>14}")
     for fraction in (0.0, 0.25, 0.5):
         plan = context_plan(stats, fraction=fraction, linear=False, embeddings=False)
         models = {"zero-mask": context_prune(model, plan, progress=False),
                   "physical": context_prune(model, plan, physical=True, progress=False)}
-        speed = {name: [] for name in models}
-        for _ in range(args.repeats):  # interleaved, so drifting load hits both alike
-            for name, m in models.items():
-                speed[name].append(prefill_and_decode(m, seq_len, DECODE_TOKENS, 1, 0))
-        prefill = {name: statistics.median(r["prefill_seconds"] for r in runs)
-                   for name, runs in speed.items()}
-        tps = {name: statistics.median(r["decode_tokens_per_s"] for r in runs)
-               for name, runs in speed.items()}
+        speed = summarise_speeds(speed_runs(models, seq_len, DECODE_TOKENS, args.repeats))
+        prefill, tps = speed["prefill_seconds"], speed["decode_tokens_per_s"]
         for name, m in models.items():
             params = sum(p.numel() for p in m.parameters()) / 1e6
             print(f"{fraction:<19.0%} {name:<10} {m.config.intermediate_size:>12} {params:>10.1f} "
