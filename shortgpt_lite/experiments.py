@@ -181,8 +181,8 @@ def removal_curve(model: nn.Module, tokenizer, scores, ks, *, windows=None, item
                   seed: int = 0, batch_size: int = 16, progress: bool = True):
     """Remove the ``k`` lowest-scoring layers for each ``k`` in ``ks`` and measure the result.
 
-    For each ``k`` the plan is ``layers_to_remove(scores, k)``; a pruned copy is made with
-    :func:`remove_layers` (``model`` is left as it is) and measured:
+    For each ``k`` the plan is ``layers_to_remove(scores, k)``, measured as the pruned
+    model computes it (``model`` is left as it is):
 
     * on ``windows`` (``[n, seq_len]`` token windows): perplexity
       :math:`\\exp(\\frac1n\\sum_w \\mathrm{NLL}_w)` and a 95% percentile-bootstrap
@@ -192,7 +192,12 @@ def removal_curve(model: nn.Module, tokenizer, scores, ks, *, windows=None, item
     * on ``items`` (benchmark ``Item`` s, e.g. from ``load_benchmark``): ``acc`` and
       ``acc_norm`` with their 95% Wilson intervals, from
       :func:`shortgpt_lite.evaluate.evaluate_choices`.
-    * with ``prompt``: the greedy continuation (``max_new_tokens``), column ``generation``.
+    * with ``prompt``: the greedy continuation (``max_new_tokens``), column ``generation``,
+      from a pruned copy made with :func:`remove_layers`.
+
+    Perplexity and accuracy need no copy: each plan starts from the hidden state its kept
+    prefix of blocks shares with the unpruned model (:class:`shortgpt_lite.prefix.SharedPrefix`),
+    recorded in one unpruned pass per call.
 
     ``cache`` (a dict, filled in place) maps ``frozenset(removed layers)`` to the
     measurements, so several metrics whose plans coincide (they often share the first
@@ -215,41 +220,61 @@ def removal_curve(model: nn.Module, tokenizer, scores, ks, *, windows=None, item
     if scores.numel() != n:
         raise ValueError(f"scores has {scores.numel()} entries but the model has {n} layers.")
     cache = {} if cache is None else cache
+    wanted = {"ppl": windows is not None, "acc": items is not None,
+              "generation": prompt is not None}
+    plans = [(k, layers_to_remove(scores, k)) for k in ks]
+
+    def complete(plan, names) -> bool:
+        return all(cache.get(frozenset(plan), {}).get(name) is not None for name in names)
+
+    reused = [complete(p, [w for w, on in wanted.items() if on]) for _, p in plans]
+    scored = [w for w in ("ppl", "acc") if wanted[w]]
+    to_score = list({frozenset(p): p for _, p in plans
+                     if scored and not complete(p, scored)}.values())
+    to_generate = list({frozenset(p): p for _, p in plans
+                        if prompt is not None and not complete(p, ["generation"])}.values())
+    bar = tqdm(total=len(to_score) + len(to_generate),
+               desc=f"removal curve ({metric or 'scores'})", unit="model", disable=not progress)
+
+    def measure(m, _removed) -> dict:
+        out = {}
+        if windows is not None:
+            nll = perplexity(m, windows, progress=False, per_window=True)
+            low, high = bootstrap_interval(nll["nll_per_window"], n_boot=n_boot, seed=seed)
+            out["ppl"] = {"ppl": math.exp(nll["nll"]), "ppl_ci_low": math.exp(low),
+                          "ppl_ci_high": math.exp(high), "nll": nll["nll"],
+                          "seq_len": int(windows.shape[1]), "windows": int(windows.shape[0])}
+        if items is not None:
+            r = evaluate_choices(m, tokenizer, items, batch_size=batch_size, progress=False)
+            out["acc"] = {name: r[name] for name in (
+                "acc", "acc_ci_low", "acc_ci_high", "acc_norm", "acc_norm_ci_low",
+                "acc_norm_ci_high", "chance")} | {"n_items": r["n"]}
+        return out
+
+    # Perplexity and accuracy: every plan from the state its kept prefix shares with the
+    # unpruned model (measured first, to record it), without a copy of the model.
+    if to_score:
+        unpruned_wanted = any(not p for p in to_score)
+        done = set() if unpruned_wanted else {""}
+        for text, measured in _measure_plans(model, to_score, measure, done):
+            cache.setdefault(frozenset(_plan_layers(text)), {}).update(measured)
+            bar.update(1 if text or unpruned_wanted else 0)
+    # Generation runs a KV cache over new tokens, so it needs the pruned model itself.
+    for plan in to_generate:
+        pruned = remove_layers(model, plan, scores=scores, metric=metric) if plan else model
+        g = generation_samples(pruned, tokenizer, [prompt], max_new_tokens=max_new_tokens,
+                               progress=False)
+        cache.setdefault(frozenset(plan), {})["generation"] = {"generation": g["continuation"][0]}
+        del pruned
+        bar.update()
+    bar.close()
     rows = []
-    for k in tqdm(ks, desc=f"removal curve ({metric or 'scores'})", disable=not progress):
-        removed = layers_to_remove(scores, k)
-        key = frozenset(removed)
-        measured = cache.setdefault(key, {})
-        wanted = {"ppl": windows is not None, "acc": items is not None,
-                  "generation": prompt is not None}
-        reused = all(measured.get(name) is not None for name, want in wanted.items() if want)
-        if not reused:
-            pruned = remove_layers(model, removed, scores=scores, metric=metric) if removed \
-                else model
-            if windows is not None and measured.get("ppl") is None:
-                nll = perplexity(pruned, windows, progress=False, per_window=True)
-                low, high = bootstrap_interval(nll["nll_per_window"], n_boot=n_boot, seed=seed)
-                mean = nll["nll"]
-                measured["ppl"] = {"ppl": math.exp(mean), "ppl_ci_low": math.exp(low),
-                                   "ppl_ci_high": math.exp(high),
-                                   "nll": mean, "seq_len": int(windows.shape[1]),
-                                   "windows": int(windows.shape[0])}
-            if items is not None and measured.get("acc") is None:
-                r = evaluate_choices(pruned, tokenizer, items, batch_size=batch_size,
-                                     progress=False)
-                measured["acc"] = {name: r[name] for name in (
-                    "acc", "acc_ci_low", "acc_ci_high", "acc_norm", "acc_norm_ci_low",
-                    "acc_norm_ci_high", "chance")} | {"n_items": r["n"]}
-            if prompt is not None and measured.get("generation") is None:
-                g = generation_samples(pruned, tokenizer, [prompt],
-                                       max_new_tokens=max_new_tokens, progress=False)
-                measured["generation"] = {"generation": g["continuation"][0]}
-            del pruned
+    for (k, removed), was_cached in zip(plans, reused):
         row = {"metric": metric, "k": k, "removed": tuple(removed), "layers_left": n - k}
         for name, want in wanted.items():
             if want:
-                row.update(measured[name])
-        row["cached"] = reused
+                row.update(cache[frozenset(removed)][name])
+        row["cached"] = was_cached
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers as T
 
-from shortgpt_lite import Item, removal_curve
-from shortgpt_lite.evaluate import perplexity
+from shortgpt_lite import Item, remove_layers, removal_curve
+from shortgpt_lite.evaluate import evaluate_choices, perplexity
 
 VOCAB = 64
 
@@ -71,6 +71,12 @@ def test_one_row_per_k_with_the_lowest_scoring_layers_removed():
     assert math.isclose(df["ppl"][0], perplexity(model, _windows(), progress=False)["perplexity"],
                         rel_tol=1e-5)
     assert model.config.num_hidden_layers == 5
+    # plans measured from the shared prefix, without a copy, match the pruned copies
+    for k, removed in zip(df["k"], df["removed"]):
+        pruned = remove_layers(model, removed) if removed else model
+        assert math.isclose(df["ppl"][k], perplexity(pruned, _windows(), progress=False)["perplexity"],
+                            rel_tol=1e-5)
+        assert df["acc"][k] == evaluate_choices(pruned, _Tok(), _items(), progress=False)["acc"]
 
 
 def test_shared_cache_measures_each_removal_set_once():
