@@ -157,3 +157,23 @@ def test_block_influence_chapter_reruns_on_gemma_and_its_claims_hold(tmp_path):
     text = json.dumps(json.loads(out.read_text())["cells"])
     assert "gemma3-270m: 18 decoder layers" in text
     assert "smollm2-135m" in text  # the other bundled model, shown beside it
+
+
+@pytest.mark.slow
+def test_layer_removal_chapter_reruns_on_gemma_from_its_stored_run(tmp_path):
+    """Chapter 03 on the other bundled model loads Gemma's stored removal run, which has
+    fewer orderings than SmolLM2's; the generated prose covers only those, and the strict
+    claims hold."""
+    out = tmp_path / "03_gemma.ipynb"
+    env = {**os.environ, "SHORTGPT_LITE_CLAIMS": "strict"}
+    subprocess.run([str(BIN / "papermill"), str(ROOT / "notebooks/03_layer_removal.ipynb"),
+                    str(out), "-p", "model", "gemma3-270m", "-p", "max_new_tokens", "4",
+                    "--cwd", str(ROOT / "notebooks"), "--no-progress-bar"],
+                   check=True, capture_output=True, text=True, env=env)
+    cells = json.loads(out.read_text())["cells"]
+    shown = json.dumps([c.get("outputs", []) for c in cells])  # what the reader sees run
+    assert "ShortGPT's share, 9 of 32, is 5 of 18" in shown
+    assert "experiment removal --model gemma3-270m" in shown
+    assert "`sequential`" not in shown and "random:" not in shown  # not in Gemma's run
+    assert "`reverse` removes the last blocks" in shown
+    assert "smollm2-135m: area under the curve" in shown  # the other model's stored run
