@@ -4,8 +4,9 @@ latency and decode speed.
 Pruning is worth doing only for what it saves, and the methods of this book save
 different things: removed layers shrink the file and every forward pass, zeroed weights
 (Wanda) shrink neither on dense hardware, int8 shrinks the file. :func:`cost` measures all
-of it the same way for any model, and :func:`prefill_and_decode` is the one timer every
-speed figure of the library and its benchmarks comes from.
+of it the same way for any model, and :func:`speed_runs` is the one timer every speed
+figure of the library and its benchmarks comes from: models compared are timed together,
+warmed up first, in an order that alternates, so none is favoured by when it runs.
 """
 
 from __future__ import annotations
