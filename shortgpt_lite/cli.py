@@ -143,7 +143,8 @@ def _experiment_params(name: str, extra: list[str]) -> dict:
                              + ", ".join("--" + k.replace("_", "-") for k in defaults) + ".")
         default = defaults[key]
         if isinstance(default, (list, tuple)):
-            params[key] = value.split(",")
+            kind = type(default[0]) if default else str  # budgets are floats, tasks names
+            params[key] = [kind(v) for v in value.split(",")]
         elif isinstance(default, bool):
             params[key] = value.lower() in ("1", "true", "yes")
         elif isinstance(default, int) or (default is None and value.isdigit()):
@@ -205,8 +206,8 @@ def main(argv=None) -> None:
         "experiment", help="compute a reference run and store it with its provenance",
         description="Compute a reference run into OUT/<model>/<name>/; an interrupted run "
                     "resumes. Set any parameter of the experiment as --name value.")
-    experiment.add_argument("name", help="the experiment (removal), or all for every "
-                                         "stored run")
+    experiment.add_argument("name", help="the experiment (removal, block_influence, "
+                                         "comparison), or all for every stored run")
     experiment.add_argument("--model", default="smollm2-135m", help="a bundled model, a local "
                             "folder or a hub id (default smollm2-135m)")
     experiment.add_argument("--out", default="results", help="results folder (default results)")

@@ -334,18 +334,22 @@ def _accuracy_ks(n_layers: int, max_remove: int) -> list[int]:
     return sorted({0, min(max_remove, round(PAPER_SHARE * n_layers)), max_remove})
 
 
-def _removal_data(tokenizer, params):
-    p = params
-    cal = token_windows(tokenizer, load_text(p["corpus"], "calibration"), p["seq_len"],
-                        p["calibration_windows"])
-    ev = token_windows(tokenizer, load_text(p["corpus"], "evaluation"), p["seq_len"],
-                       p["eval_windows"])
+def _benchmark_items(p) -> tuple[list, list]:
+    """``n_items`` seeded items of each of ``tasks``, and the task of each."""
     items, tasks = [], []
     for task in p["tasks"]:
         got = load_benchmark(task, p["n_items"], seed=p["item_seed"])
         items += got
         tasks += [task] * len(got)
-    return cal, ev, items, tasks
+    return items, tasks
+
+
+def _removal_data(tokenizer, p):
+    cal = token_windows(tokenizer, load_text(p["corpus"], "calibration"), p["seq_len"],
+                        p["calibration_windows"])
+    ev = token_windows(tokenizer, load_text(p["corpus"], "evaluation"), p["seq_len"],
+                       p["eval_windows"])
+    return cal, ev, *_benchmark_items(p)
 
 
 def _ppl_rows(model, windows, removed, batch_size) -> pd.DataFrame:
@@ -558,6 +562,116 @@ EXPERIMENTS["block_influence"] = Experiment(
     _compute_block_influence, _check_block_influence,
     defaults={"corpora": ["wikipedia", "code", "law"], "seq_len": 256, "windows": 64},
     tables=("windows", "last_block"))
+
+# ------------------------------------------------------------ the comparison experiment
+#
+# Every pruning method of comparison.py at every budget, each pruned copy measured on the
+# same evaluation windows of several corpora and the same benchmark items, one row per
+# window and per item, so two methods can be compared in pairs. Every calibrated method
+# calibrates on the same text (``calibration``); context pruning keeps ``domain``.
+
+
+def _variant(method: str, budget: float) -> str:
+    return "dense" if method == "dense" else f"{method}@{budget:g}"
+
+
+def _comparison_data(tokenizer, p):
+    calibration = token_windows(tokenizer, load_text(p["calibration"], "calibration"),
+                                p["seq_len"], p["calibration_windows"])
+    evaluation = {c: token_windows(tokenizer, load_text(c, "evaluation"), p["seq_len"],
+                                   p["eval_windows"]) for c in p["corpora"]}
+    return calibration, evaluation, *_benchmark_items(p)
+
+
+def _prune_variant(model, tokenizer, method, budget, calibration, p):
+    from .comparison import prune_to_budget
+    from .context import domain_windows
+
+    domain = domain_windows(tokenizer, p["domain"], p["seq_len"], p["calibration_windows"]) \
+        if method == "context" else None
+    pruned, info = prune_to_budget(model, method, budget, windows=calibration,
+                                   domain_data=domain, progress=False)
+    return pruned.eval(), info
+
+
+def _variant_rows(model, pruned, method, budget, info) -> pd.DataFrame:
+    from .costs import param_counts, serialized_bytes
+
+    total = param_counts(model)[0]
+    present, kept = info.pop("float_params", None) or param_counts(pruned)
+    return pd.DataFrame([{"variant": _variant(method, budget), "method": method,
+                          "budget": 0.0 if method == "dense" else budget,
+                          "layers": len(decoder_layers(pruned)), "params_total": present,
+                          "params_nonzero": kept, "params_removed": 1 - kept / total,
+                          "file_bytes": serialized_bytes(pruned), "details": json.dumps(info)}])
+
+
+def _compute_comparison(model, tokenizer, store, progress, **p) -> None:
+    calibration, evaluation, items, tasks = _comparison_data(tokenizer, p)
+    variants = list(dict.fromkeys((m, 0.0 if m == "dense" else b)
+                                  for b in p["budgets"] for m in p["methods"]))
+    done = store.done("variants", "variant")
+    bs = p["batch_size"]
+    for method, budget in tqdm(variants, desc="pruned models measured", unit="model",
+                               disable=not progress):
+        name = _variant(method, budget)
+        if name in done:
+            continue
+        pruned, info = _prune_variant(model, tokenizer, method, budget, calibration, p)
+        if name not in store.done("ppl", "variant"):
+            store.append("ppl", pd.concat(
+                [_ppl_rows(pruned, w, name, bs).rename(columns={"removed": "variant"})
+                 .assign(corpus=c) for c, w in evaluation.items()]))
+        if name not in store.done("items", "variant"):
+            store.append("items", _item_rows(pruned, tokenizer, items, tasks, name, bs)
+                         .rename(columns={"removed": "variant"}))
+        store.append("variants", _variant_rows(model, pruned, method, budget, info))
+        del pruned
+
+
+def _check_comparison(model, tokenizer, result: Result, windows: int = 2,
+                      n_items: int = 20) -> list[str]:
+    """Recompute a slice: the dense model and the first pruned variant, their parameter
+    counts, the first ``windows`` windows of the first corpus and ``n_items`` items."""
+    p, problems = result.params, []
+    calibration, evaluation, items, tasks = _comparison_data(tokenizer, p)
+    stored = result["variants"].set_index("variant")
+    corpus = p["corpora"][0]
+    picked = list(range(min(n_items, len(items))))
+    for name in ["dense"] + [v for v in stored.index if v != "dense"][:1]:
+        method, budget = stored.loc[name, "method"], float(stored.loc[name, "budget"])
+        pruned, info = _prune_variant(model, tokenizer, method, budget, calibration, p)
+        got = _variant_rows(model, pruned, method, budget, info).iloc[0]
+        for column in ("layers", "params_total", "params_nonzero"):
+            if int(got[column]) != int(stored.loc[name, column]):
+                problems.append(f"{name}: {column} {got[column]} against stored "
+                                f"{stored.loc[name, column]}")
+        nll = _ppl_rows(pruned, evaluation[corpus][:windows], name, p["batch_size"])["nll"]
+        want = result["ppl"][(result["ppl"]["variant"] == name)
+                             & (result["ppl"]["corpus"] == corpus)].set_index("window")["nll"]
+        diff = np.abs(nll.to_numpy() - want.loc[range(len(nll))].to_numpy())
+        if not (diff < 5e-3).all():
+            problems.append(f"{name}: window NLL moved by up to {diff.max():.3g} nats")
+        rows = _item_rows(pruned, tokenizer, [items[i] for i in picked],
+                          [tasks[i] for i in picked], name, p["batch_size"])
+        stored_items = result["items"][result["items"]["variant"] == name].set_index("item")
+        problems += _compare_items(name, rows.assign(item=picked), stored_items)
+    return problems
+
+
+EXPERIMENTS["comparison"] = Experiment(
+    "comparison",
+    "Every pruning method at every budget on the same calibration text: perplexity per "
+    "evaluation window of several corpora and per-item accuracy of each pruned copy, with "
+    "its parameter counts and file size",
+    _compute_comparison, _check_comparison,
+    defaults={"methods": ["dense", "shortgpt", "wanda", "wanda-2:4", "magnitude", "context"],
+              "budgets": [0.25], "calibration": "wikipedia", "domain": "law",
+              "corpora": ["wikipedia", "law", "code"], "seq_len": 256,
+              "calibration_windows": 32, "eval_windows": 64,
+              "tasks": ["piqa", "hellaswag", "winogrande", "arc_easy"], "n_items": 200,
+              "item_seed": 0, "batch_size": 16},
+    tables=("variants", "ppl", "items"))
 
 # The runs stored in results/, regenerated by `make results`. Gemma's removal run has fewer
 # variants than SmolLM2's: its 262k-token vocabulary makes every evaluation several times

@@ -169,6 +169,7 @@ def test_cli_parses_parameters_by_their_default_types_and_refuses_unknown_ones(m
     assert _experiment_params("removal", ["--max-remove", "6", "--tasks", "piqa,boolq",
                                           "--corpus", "code"]) == {
         "max_remove": 6, "tasks": ["piqa", "boolq"], "corpus": "code"}
+    assert _experiment_params("comparison", ["--budgets", "0.1,0.25"]) == {"budgets": [0.1, 0.25]}
     with pytest.raises(SystemExit, match="--windows is not a parameter of removal"):
         main(["experiment", "removal", "--windows", "3"])
     with pytest.raises(SystemExit, match="Unknown experiment 'curves'"):
@@ -197,3 +198,58 @@ def test_block_influence_rows_per_window_and_layer_and_the_post_norm_last_block(
     assert ex.check(r, loaded=tiny) == []
     r["windows"].loc[0, "bi"] += 0.01
     assert any("bi moved" in p for p in ex.check(r, loaded=tiny))
+
+
+COMPARE = {"methods": ["dense", "shortgpt", "wanda", "context"], "budgets": [0.1, 0.2],
+           "corpora": ["wikipedia", "code"], "seq_len": 32, "calibration_windows": 2,
+           "eval_windows": 3, "tasks": ["piqa", "winogrande"], "n_items": 3, "batch_size": 4}
+
+
+def test_comparison_measures_every_method_at_every_budget_on_the_same_units(tiny, isolated):
+    r = ex.run("comparison", "tiny", out=isolated / "stored", loaded=tiny, progress=False,
+               **COMPARE)
+    v = r["variants"].set_index("variant")
+    assert list(v.index) == ["dense", "shortgpt@0.1", "wanda@0.1", "context@0.1",
+                             "shortgpt@0.2", "wanda@0.2", "context@0.2"]
+    assert v.loc["dense", "params_removed"] == 0 and v.loc["dense", "budget"] == 0
+    # zeroed weights keep the file as large; removed layers and neurons shrink it
+    assert v.loc["wanda@0.2", "file_bytes"] == v.loc["dense", "file_bytes"]
+    assert v.loc["context@0.2", "file_bytes"] < v.loc["context@0.1", "file_bytes"] \
+        < v.loc["dense", "file_bytes"]
+    assert abs(v.loc["wanda@0.2", "params_removed"] - 0.2) < 0.01
+    assert v.loc["shortgpt@0.2", "layers"] < 5
+    # every variant on the same windows of every corpus and on the same items
+    assert len(r["ppl"]) == 7 * 2 * 3 and len(r["items"]) == 7 * 6
+    assert r["ppl"].groupby("variant").size().eq(6).all()
+    assert r["items"].groupby("variant")["item"].apply(list).map(tuple).nunique() == 1
+    assert ex.check(r, loaded=tiny) == []
+    stale = ex.load_result(r.path)
+    stale["variants"].loc[stale["variants"]["variant"] == "shortgpt@0.1", "params_total"] += 1
+    assert any("params_total" in p for p in ex.check(stale, loaded=tiny))
+    stale = ex.load_result(r.path)
+    stale["ppl"]["nll"] += 0.01
+    assert any("window NLL moved" in p for p in ex.check(stale, loaded=tiny))
+
+
+def test_an_interrupted_comparison_resumes_without_repeating_rows(tiny, isolated, monkeypatch):
+    calls = []
+    real = ex._item_rows
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[4])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ex, "_item_rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ex.run("comparison", "tiny", out=isolated / "a", loaded=tiny, progress=False, **COMPARE)
+    monkeypatch.setattr(ex, "_item_rows", real)
+    resumed = ex.run("comparison", "tiny", out=isolated / "a", loaded=tiny, progress=False,
+                     **COMPARE)
+    fresh = ex.run("comparison", "tiny", out=isolated / "b", loaded=tiny, progress=False,
+                   **COMPARE)
+    for table in ("variants", "ppl", "items"):
+        a = resumed[table].sort_values(list(resumed[table].columns[:3])).reset_index(drop=True)
+        b = fresh[table].sort_values(list(fresh[table].columns[:3])).reset_index(drop=True)
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers as T
 
-from shortgpt_lite import Item, remove_layers, removal_curve
+from shortgpt_lite import Item, removal_curve, remove_layers
 from shortgpt_lite.evaluate import evaluate_choices, perplexity
 
 VOCAB = 64
