@@ -177,3 +177,17 @@ def test_layer_removal_chapter_reruns_on_gemma_from_its_stored_run(tmp_path):
     assert "`sequential`" not in shown and "random:" not in shown  # not in Gemma's run
     assert "`reverse` removes the last blocks" in shown
     assert "smollm2-135m: area under the curve" in shown  # the other model's stored run
+
+
+@pytest.mark.slow
+def test_layer_similarity_chapter_reruns_on_gemma_and_its_claims_hold(tmp_path):
+    """Chapter 01 on Gemma, with SmolLM2 as the other bundled model beside it; its
+    model-specific sentences are generated and its claims checked strictly."""
+    out = tmp_path / "01_gemma.ipynb"
+    env = {**os.environ, "SHORTGPT_LITE_CLAIMS": "strict"}
+    subprocess.run([str(BIN / "papermill"), str(ROOT / "notebooks/01_layer_similarity.ipynb"),
+                    str(out), "-p", "model", "gemma3-270m", "--cwd", str(ROOT / "notebooks"),
+                    "--no-progress-bar"], check=True, capture_output=True, text=True, env=env)
+    shown = json.dumps([c.get("outputs", []) for c in json.loads(out.read_text())["cells"]])
+    assert "gemma3-270m: 18 decoder layers, hidden size 640" in shown
+    assert "**gemma3-270m**: the embedding" in shown and "**smollm2-135m**" in shown
