@@ -53,10 +53,11 @@ from .context import (
     domain_windows,
     gated_mlp,
 )
-from .costs import param_counts, prefill_and_decode, serialized_bytes
+from .costs import param_counts, serialized_bytes, speed_runs, summarise_speeds
 from .data import CORPORA, load_text, token_windows
 from .evaluate import DEFAULT_SUITE, evaluate_suite, perplexity
 from .importance import layer_importance, layers_to_remove
+from .inputs import max_positions
 from .layers import decoder_layers
 from .quantize import quantize_int8
 from .removal import remove_layers
@@ -191,8 +192,6 @@ def _measure(model, tokenizer, ppl_windows: dict, tasks, settings, progress) -> 
             row[f"acc_{r['task']}_n"] = int(r["n"])
         row["acc_mean"] = float(suite["acc"].mean())
     row["size_bytes"] = serialized_bytes(model)
-    row.update(prefill_and_decode(model, settings["cost_seq_len"], settings["decode_tokens"],
-                                  settings["repeats"], settings["seed"]))
     return row
 
 
@@ -239,11 +238,17 @@ def compare(model: nn.Module, tokenizer, methods: Sequence[str] = tuple(METHODS)
     ``acc_<task>_ci_low`` .. ``acc_<task>_ci_high`` and item count ``acc_<task>_n``,
     ``acc_mean`` (the unweighted mean over tasks), ``size_bytes``
     (safetensors file; ``torch.save`` for int8), ``prefill_seconds`` (a
-    ``cost_seq_len``-token prompt at batch 1), ``decode_tokens_per_s``, ``prune_seconds``
-    and ``details`` (what the method did: layers removed, sparsity of the linears).
+    ``cost_seq_len``-token prompt at batch 1), ``decode_tokens_per_s``, their spreads and
+    ``timing_repeats``, ``prune_seconds`` and ``details`` (what the method did: layers
+    removed, sparsity of the linears).
+
+    The speeds come from timing every pruned copy together at the end, interleaved
+    (:func:`shortgpt_lite.costs.speed_runs`), so every copy is held in memory until then;
+    ``repeats=0`` skips the timing and holds one copy at a time.
 
     With ``results_dir``, each finished method is written to ``<results_dir>/<method>.json``
-    and read back on the next run with the same settings, so an interrupted run resumes.
+    and read back on the next run with the same settings, so an interrupted run resumes; a
+    method measured but not yet timed is pruned again for the timing, not measured again.
     """
     methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
@@ -262,6 +267,14 @@ def compare(model: nn.Module, tokenizer, methods: Sequence[str] = tuple(METHODS)
         raise ValueError(f"Unknown corpus {bad[0]!r} in corpora; choose from: "
                          f"{', '.join(CORPORA)}.")
     _check_int8_runs(model, methods)
+    if repeats < 0:
+        raise ValueError(f"repeats is the number of timed runs per method (0 for none); got "
+                         f"{repeats}.")
+    max_pos = max_positions(model)
+    if repeats and max_pos is not None and cost_seq_len + decode_tokens > max_pos:
+        raise ValueError(f"The timing's {cost_seq_len}-token prompt plus {decode_tokens} decoded "
+                         f"tokens needs more than the model's {max_pos} positions; use a "
+                         "shorter cost_seq_len.")
     tasks = dict(DEFAULT_SUITE if tasks is None else tasks)
     settings = {"budget": budget, "tasks": tasks, "corpora": list(corpora),
                 "calibration": calibration, "domain": domain,
@@ -270,7 +283,7 @@ def compare(model: nn.Module, tokenizer, methods: Sequence[str] = tuple(METHODS)
                 "decode_tokens": decode_tokens, "repeats": repeats, "seed": seed,
                 "model": getattr(model.config, "_name_or_path", type(model).__name__),
                 "model_params": param_counts(model)[0],
-                "row_format": 2}  # rows saved before accuracy intervals were added are redone
+                "row_format": 3}  # rows saved before the models were timed together are redone
     folder = None if results_dir is None else Path(results_dir)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -290,33 +303,54 @@ def compare(model: nn.Module, tokenizer, methods: Sequence[str] = tuple(METHODS)
         return cache[name]
 
     total = settings["model_params"]
-    rows = []
+    rows, untimed = [], {}
     bar = tqdm(methods, desc="compare", disable=not progress)
     for method in bar:
         bar.set_postfix_str(method)
         path = None if folder is None else folder / f"{method.replace(':', '-')}.json"
+        saved = None
         if path is not None and path.exists():
             saved = json.loads(path.read_text())
-            if saved.get("settings") == json.loads(json.dumps(settings)):
-                rows.append(saved["row"])
-                continue
+            if saved.get("settings") != json.loads(json.dumps(settings)):
+                saved = None
+        if saved is not None and (not repeats or "prefill_seconds" in saved["row"]):
+            rows.append(saved["row"])
+            continue
         t0 = time.perf_counter()
         needs_windows = method in _CALIBRATED
         pruned, info = prune_to_budget(
             model, method, budget, progress=False,
             windows=data("calibration") if needs_windows else None,
             domain_data=data("domain") if method == "context" else None)
-        prune_seconds = time.perf_counter() - t0
-        present, kept = info.pop("float_params", None) or param_counts(pruned)
         pruned.eval()
-        row = {"method": method, "description": METHODS[method], "params_total": present,
-               "params_kept": kept, "params_removed": 1 - kept / total,
-               "sparsity": 1 - kept / present if present else math.nan}
-        row.update(_measure(pruned, tokenizer, data("perplexity"), tasks, settings, progress))
-        row["prune_seconds"] = prune_seconds
-        row["details"] = json.dumps(info)
-        del pruned
-        if path is not None:
-            _save_json(path, {"settings": settings, "row": row})
+        if saved is not None:  # measured before, interrupted before the timing
+            row = saved["row"]
+        else:
+            prune_seconds = time.perf_counter() - t0
+            present, kept = info.pop("float_params", None) or param_counts(pruned)
+            row = {"method": method, "description": METHODS[method], "params_total": present,
+                   "params_kept": kept, "params_removed": 1 - kept / total,
+                   "sparsity": 1 - kept / present if present else math.nan}
+            row.update(_measure(pruned, tokenizer, data("perplexity"), tasks, settings, progress))
+            row["prune_seconds"] = prune_seconds
+            row["details"] = json.dumps(info)
+            if path is not None:
+                _save_json(path, {"settings": settings, "row": row})
         rows.append(row)
+        if repeats:
+            untimed[method] = pruned
+        del pruned
+    # Timed together, interleaved, so that no method is favoured by when it ran.
+    if untimed:
+        speeds = summarise_speeds(speed_runs(untimed, cost_seq_len, decode_tokens, repeats,
+                                             seed))
+        for row in rows:
+            if row["method"] in untimed:
+                got = speeds.loc[row["method"]]
+                row.update({k: float(v) for k, v in got.items() if k != "timing_repeats"},
+                           timing_repeats=int(got["timing_repeats"]))
+                if folder is not None:
+                    _save_json(folder / f"{row['method'].replace(':', '-')}.json",
+                               {"settings": settings, "row": row})
+        untimed.clear()
     return pd.DataFrame(rows)

@@ -302,7 +302,7 @@ def _size_and_memory(model, seq_len: int, decode_tokens: int, seed: int) -> dict
 
 
 def cost(model, seq_len: int = 512, decode_tokens: int = 32, repeats: int = 5,
-         seed: int = 0):
+         seed: int = 0, progress: bool = False):
     """What a model costs to store and run, measured on the device it is on.
 
     * ``params_total`` and ``params_nonzero``: :func:`param_counts`;
@@ -319,6 +319,7 @@ def cost(model, seq_len: int = 512, decode_tokens: int = 32, repeats: int = 5,
 
     ``model`` is one model (returns a dict) or a mapping ``{name: model}`` (returns a
     DataFrame indexed by name, so a dense and a pruned model sit side by side).
+    ``progress=True`` shows bars for the sizes and the timing repeats.
     """
     if isinstance(model, Mapping):
         if not model:
@@ -327,9 +328,9 @@ def cost(model, seq_len: int = 512, decode_tokens: int = 32, repeats: int = 5,
     else:
         models = {"model": model}
     sizes = {name: _size_and_memory(m, seq_len, decode_tokens, seed)
-             for name, m in tqdm(models.items(), desc="sizes", disable=len(models) < 2)}
+             for name, m in tqdm(models.items(), desc="sizes", disable=not progress)}
     speeds = summarise_speeds(speed_runs(models, seq_len, decode_tokens, repeats, seed,
-                                         progress=len(models) > 1))
+                                         progress=progress))
     table = pd.DataFrame.from_dict(sizes, orient="index").join(speeds)
     table["timing_repeats"] = table["timing_repeats"].astype(int)
     if isinstance(model, Mapping):

@@ -96,11 +96,16 @@ def test_an_interrupted_run_resumes_without_redoing_finished_methods(tiny, tmp_p
         pruned_again.append(method)
         return real_prune(model, method, *args, **kwargs)
 
-    monkeypatch.setattr(cmp, "_measure", real_measure)
+    measured.clear()
+    monkeypatch.setattr(cmp, "_measure", lambda pruned, *a: measured.append(pruned)
+                        or real_measure(pruned, *a))
     monkeypatch.setattr(cmp, "prune_to_budget", prune)
     first = compare(model, tokenizer, methods, results_dir=tmp_path, **SMALL)
-    assert pruned_again == ["shortgpt", "wanda"]
+    # every method is pruned for the timing, which needs them all together; only the two
+    # the interrupted run did not finish are measured
+    assert pruned_again == methods and len(measured) == 2
     assert list(first["method"]) == methods
+    assert (first["timing_repeats"] == 1).all()
 
     pruned_again.clear()
     second = compare(model, tokenizer, methods, results_dir=tmp_path, **SMALL)
@@ -134,6 +139,23 @@ def test_bad_input_is_refused(tiny):
         compare(model, tokenizer, ["context"], domain="astrology", **SMALL)
     with pytest.raises(ValueError, match="Unknown corpus"):
         compare(model, tokenizer, ["dense"], **{**SMALL, "corpora": ("poetry",)})
+    with pytest.raises(ValueError, match="repeats"):
+        compare(model, tokenizer, ["dense"], **{**SMALL, "repeats": -1})
+    with pytest.raises(ValueError, match="positions"):  # before any method is pruned
+        compare(model, tokenizer, ["dense"], **{**SMALL, "cost_seq_len": 10_000})
+
+
+def test_the_methods_are_timed_together_at_the_end(tiny, monkeypatch):
+    model, tokenizer = tiny
+    timed = []
+    real = cmp.speed_runs
+    monkeypatch.setattr(cmp, "speed_runs", lambda models, *a, **k: timed.append(list(models))
+                        or real(models, *a, **k))
+    df = compare(model, tokenizer, ["dense", "wanda", "shortgpt"], **SMALL)
+    assert timed == [["dense", "wanda", "shortgpt"]]  # one interleaved timing of all three
+    assert (df["prefill_seconds"] > 0).all() and "prefill_spread" in df.columns
+    untimed = compare(model, tokenizer, ["dense"], **{**SMALL, "repeats": 0})
+    assert "prefill_seconds" not in untimed.columns and len(timed) == 1
 
 
 # ------------------------------------------------------------------------ the real model
