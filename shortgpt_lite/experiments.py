@@ -37,6 +37,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .comparison import prune_to_budget
+from .context import domain_windows
+from .costs import param_counts, serialized_bytes
 from .data import load_benchmark, load_text, token_windows
 from .evaluate import (
     bootstrap_interval,
@@ -584,9 +587,6 @@ def _comparison_data(tokenizer, p):
 
 
 def _prune_variant(model, tokenizer, method, budget, calibration, p):
-    from .comparison import prune_to_budget
-    from .context import domain_windows
-
     domain = domain_windows(tokenizer, p["domain"], p["seq_len"], p["calibration_windows"]) \
         if method == "context" else None
     pruned, info = prune_to_budget(model, method, budget, windows=calibration,
@@ -595,8 +595,6 @@ def _prune_variant(model, tokenizer, method, budget, calibration, p):
 
 
 def _variant_rows(model, pruned, method, budget, info) -> pd.DataFrame:
-    from .costs import param_counts, serialized_bytes
-
     total = param_counts(model)[0]
     present, kept = info.pop("float_params", None) or param_counts(pruned)
     return pd.DataFrame([{"variant": _variant(method, budget), "method": method,
