@@ -82,6 +82,12 @@ def _parse_sparsity(sparsity) -> tuple[float, tuple[int, int] | None]:
     return float(sparsity), None
 
 
+def _check_per(per) -> None:
+    if per not in ("row", "layer"):
+        raise ValueError(f"per must be 'row' (compare weights within each output row, as Wanda "
+                         f"does) or 'layer' (over the whole matrix), got {per!r}.")
+
+
 def _check_windows(windows, max_seq_len: int) -> torch.Tensor:
     """Calibration windows as ``[n, seq_len]`` with ``seq_len <= max_seq_len``.
 
@@ -255,8 +261,8 @@ def _input_norms(block: nn.Module, hidden, calls, tuple_output: bool) -> dict[st
     return {name: s.sqrt() for name, s in sums.items()}
 
 
-def wanda_prune(model: nn.Module, windows: torch.Tensor, sparsity=0.5, *, batch_size: int = 8,
-                max_seq_len: int = 2048, inplace: bool = False,
+def wanda_prune(model: nn.Module, windows: torch.Tensor, sparsity=0.5, *, per: str = "row",
+                batch_size: int = 8, max_seq_len: int = 2048, inplace: bool = False,
                 progress: bool = True) -> nn.Module:
     """Prune every linear layer of the decoder blocks with Wanda, block by block.
 
@@ -264,7 +270,10 @@ def wanda_prune(model: nn.Module, windows: torch.Tensor, sparsity=0.5, *, batch_
     128 sequences of C4; ``token_windows(tokenizer, load_text('wikipedia'), 512, 64)``
     is plenty for a 135M model). ``sparsity`` is a fraction in [0, 1), the share of
     weights zeroed in every output row, or ``"2:4"`` / ``"4:8"`` (N:M). Sequences
-    longer than ``max_seq_len`` are cut into pieces of that length.
+    longer than ``max_seq_len`` are cut into pieces of that length. ``per="layer"``
+    compares the scores over the whole matrix instead of within each output row. The
+    paper ablates this comparison group; with :func:`magnitude_prune` it separates what
+    the score buys from what the grouping buys.
 
     For each block ``b``: :math:`\\lVert X_j\\rVert_2` of every linear's inputs over all
     calibration tokens, :math:`S = |W| \\cdot \\lVert X\\rVert_2` (:func:`wanda_scores`),
@@ -276,6 +285,7 @@ def wanda_prune(model: nn.Module, windows: torch.Tensor, sparsity=0.5, *, batch_
     achieved sparsity per layer.
     """
     fraction, nm = _parse_sparsity(sparsity)
+    _check_per(per)
     windows = _check_windows(windows, max_seq_len)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -292,13 +302,13 @@ def wanda_prune(model: nn.Module, windows: torch.Tensor, sparsity=0.5, *, batch_
                 norms = _input_norms(block, hidden, calls[b], tuple_output)
                 for name, linear in _block_linears(block).items():
                     _apply(linear, sparsity_mask(wanda_scores(linear.weight, norms[name]),
-                                                 sparsity))
+                                                 sparsity, per=per))
                 if b < len(blocks) - 1:  # the pruned outputs are the next block's inputs
                     hidden = run_block(block, hidden, calls[b], tuple_output)
     finally:
         model.train(was_training)
     _record(model, method="wanda", sparsity=fraction,
-            structure=None if nm is None else f"{nm[0]}:{nm[1]}", per="row",
+            structure=None if nm is None else f"{nm[0]}:{nm[1]}", per=per,
             calibration_tokens=int(windows.numel()), calibration_seq_len=int(windows.shape[1]))
     return model
 
@@ -312,8 +322,7 @@ def magnitude_prune(model: nn.Module, sparsity=0.5, *, per: str = "row", inplace
     ``sparsity`` is a fraction in [0, 1) or ``"N:M"``. Returns the pruned model (a deep
     copy unless ``inplace=True``)."""
     fraction, nm = _parse_sparsity(sparsity)
-    if per not in ("row", "layer"):
-        raise ValueError(f"per must be 'row' or 'layer', got {per!r}.")
+    _check_per(per)
     if not inplace:
         model = copy.deepcopy(model)
     for block in tqdm(decoder_layers(model), desc=f"magnitude {sparsity}", disable=not progress):

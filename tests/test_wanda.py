@@ -81,6 +81,14 @@ def test_wanda_prune_applies_the_hand_mask_to_a_linear_in_a_model():
     pruned = wanda_prune(model, windows, 0.5, batch_size=4, progress=False)
     got = pruned.model.layers[0].mlp.gate_proj.weight == 0
     assert torch.equal(got, expected)
+    # per="layer" ranks the same scores over the whole matrix: a different mask, with the
+    # same count of zeros but not the same count in every row
+    whole = sparsity_mask(linear.weight.abs() * norms, 0.5, per="layer")
+    assert not torch.equal(whole, expected) and int(whole.sum()) == int(expected.sum())
+    assert whole.sum(1).unique().numel() > 1
+    per_layer = wanda_prune(model, windows, 0.5, per="layer", batch_size=4, progress=False)
+    assert torch.equal(per_layer.model.layers[0].mlp.gate_proj.weight == 0, whole)
+    assert per_layer.config.shortgpt_lite_sparsity["per"] == "layer"
 
 
 def _sum_squares(sums, name):
@@ -237,6 +245,8 @@ def test_other_bad_input_is_refused():
         sparsity_mask(torch.rand(4, 8), 0.5, per="column")
     with pytest.raises(ValueError, match="per must be"):
         magnitude_prune(_tiny_llama(layers=1), 0.5, per="model", progress=False)
+    with pytest.raises(ValueError, match="per must be"):
+        wanda_prune(_tiny_llama(layers=1), _windows(), 0.5, per="column", progress=False)
     with pytest.raises(ValueError, match="one entry per input"):
         wanda_scores(torch.rand(4, 8), torch.rand(7))
 
