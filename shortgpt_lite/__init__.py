@@ -33,7 +33,7 @@ from .records import pruning_records
 from .removal import remove_layers
 
 # Reference runs: stored experiments and paired comparisons
-from .experiments import EXPERIMENTS, paired_difference, reference, removal_curve
+from .experiments import EXPERIMENTS, paired_difference, perplexity_ratio, reference, removal_curve
 from .curves import (
     accuracy_drop,
     accuracy_table,
@@ -120,7 +120,8 @@ __all__ = [
     "layers_to_remove", "pruning_records", "removal_curve", "remove_layers", "skip_layer",
     # reference runs
     "EXPERIMENTS", "accuracy_drop", "accuracy_table", "area_under_curve", "compare_accuracy",
-    "compare_orderings", "curve_table", "paired_difference", "rank_table", "reference",
+    "compare_orderings", "curve_table", "paired_difference", "perplexity_ratio", "rank_table",
+    "reference",
     # evaluation and cost
     "DEFAULT_SUITE", "GENERATION_PROMPTS", "binomial_ci", "bootstrap_interval", "cost",
     "evaluate_choices", "evaluate_suite", "generation_samples", "loglikelihoods",

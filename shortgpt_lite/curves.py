@@ -22,7 +22,7 @@ import math
 import pandas as pd
 
 from .evaluate import binomial_ci, bootstrap_interval
-from .experiments import Result, paired_difference
+from .experiments import Result, paired_difference, perplexity_ratio
 
 __all__ = ["DATA_FREE", "accuracy_drop", "accuracy_table", "area_under_curve",
            "compare_accuracy", "compare_orderings", "curve_table", "family", "rank_table",
@@ -103,9 +103,7 @@ def compare_orderings(result: Result, a: str, b: str, *, ks=None, n_boot: int = 
         if name not in auc.columns:
             raise ValueError(f"No ordering {name!r} in this run; it has "
                              f"{', '.join(map(str, auc.columns))}.")
-    d = paired_difference(auc[a], auc[b], n_boot=n_boot, seed=seed)
-    return d | {"ratio": math.exp(d["mean"]), "ratio_low": math.exp(d["low"]),
-                "ratio_high": math.exp(d["high"])}
+    return perplexity_ratio(auc[a], auc[b], n_boot=n_boot, seed=seed)
 
 
 def rank_table(result: Result, orderings) -> pd.DataFrame:

@@ -57,7 +57,8 @@ from .provenance import environment
 from .removal import remove_layers
 
 __all__ = ["EXPERIMENTS", "STANDARD", "Result", "check", "load_result", "paired_difference",
-           "reference", "removal_curve", "removal_plan", "results_dirs", "run", "standard_params"]
+           "perplexity_ratio", "reference", "removal_curve", "removal_plan", "results_dirs", "run",
+           "standard_params"]
 
 RESULTS_ENV = "SHORTGPT_LITE_RESULTS"
 REPO_RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -860,3 +861,16 @@ def paired_difference(a: pd.Series, b: pd.Series, *, n_boot: int = 2000, seed: i
     low, high = bootstrap_interval(d, n_boot=n_boot, seed=seed, level=level)
     return {"mean": float(d.mean()), "low": low, "high": high, "n": len(d),
             "zero_inside": bool(low <= 0 <= high)}
+
+
+def perplexity_ratio(nll_a, nll_b, *, n_boot: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+    """Perplexity of model ``a`` over model ``b`` from their NLL per evaluation window
+    (``perplexity(..., per_window=True)["nll_per_window"]``, or Series keyed by window):
+    :func:`paired_difference` of the NLLs, plus ``ratio``, ``ratio_low`` and ``ratio_high``,
+    its mean and interval through ``exp``. With windows of equal length, ``ratio`` is
+    exactly ``ppl(a) / ppl(b)``; ``zero_inside`` says the interval holds 1."""
+    d = paired_difference(pd.Series(nll_a), pd.Series(nll_b), n_boot=n_boot, seed=seed,
+                          level=level)
+    return d | {"ratio": math.exp(d["mean"]), "ratio_low": math.exp(d["low"]),
+                "ratio_high": math.exp(d["high"])}

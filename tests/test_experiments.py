@@ -2,7 +2,9 @@
 hand-edited or stale stored result fail."""
 
 import json
+import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -161,6 +163,16 @@ def test_paired_difference_cancels_what_both_share():
     assert same["zero_inside"]
     with pytest.raises(ValueError, match="share no index"):
         ex.paired_difference(pd.Series([1.0], index=[0]), pd.Series([1.0], index=[1]))
+
+
+def test_perplexity_ratio_is_the_ratio_of_the_two_perplexities():
+    rng = np.random.default_rng(0)
+    nll_b = rng.uniform(2.0, 4.0, 16)
+    nll_a = nll_b + rng.normal(0.3, 0.05, 16)  # a costs about exp(0.3) = x1.35 per window
+    r = ex.perplexity_ratio(nll_a, nll_b)
+    assert r["ratio"] == pytest.approx(math.exp(nll_a.mean()) / math.exp(nll_b.mean()))
+    assert 1 < r["ratio_low"] < r["ratio"] < r["ratio_high"] and not r["zero_inside"]
+    assert ex.perplexity_ratio(nll_b, nll_a)["ratio"] == pytest.approx(1 / r["ratio"])
 
 
 def test_cli_parses_parameters_by_their_default_types_and_refuses_unknown_ones(monkeypatch):
