@@ -75,7 +75,7 @@ from .context import (
     normalised_l1,
     shrink_vocabulary,
 )
-from .quantize import quantize_int8
+from .quantize import int8_weights, quantize_int8, quantize_weights_int8
 from .wanda import (
     magnitude_prune,
     prunable_parameters,
@@ -130,9 +130,9 @@ __all__ = [
     # baselines and the comparison
     "DEFAULT_CORPORA", "DOMAINS", "METHODS", "ContextPlan", "ContextStatistics",
     "VocabularyMap", "compare", "context_plan", "context_prune", "context_statistics",
-    "domain_windows", "magnitude_prune", "neuron_mask", "normalised_l1", "prunable_parameters",
-    "prune_to_budget", "quantize_int8", "shrink_vocabulary", "sparsity_mask",
-    "sparsity_report", "wanda_prune", "wanda_scores",
+    "domain_windows", "int8_weights", "magnitude_prune", "neuron_mask", "normalised_l1",
+    "prunable_parameters", "prune_to_budget", "quantize_int8", "quantize_weights_int8",
+    "shrink_vocabulary", "sparsity_mask", "sparsity_report", "wanda_prune", "wanda_scores",
     # figures, the book's claims, teaching
     "accuracy_dots", "adjacent_similarity", "angular_distance_heatmap", "bi_profile", "book_style", "claim",
     "removal_curves", "removal_overview", "similarity_heatmap", "speedup_plot", "student_version",

@@ -1,4 +1,4 @@
-"""int8 dynamic quantization of the linear layers, for CPU inference.
+"""int8 quantization of the linear layers: dynamic for CPU inference, and weight-only.
 
 ShortGPT (Men et al. 2024, arXiv 2403.03853) argues that layer removal
 and quantization compose: removing layers does not make the remaining weights harder to
@@ -12,7 +12,13 @@ module is deprecated (its successor is torchao's ``quantize_``). The two depreca
 warnings it raises are silenced here, by message, and nothing else: the call is
 deliberate, and the model it returns is the same.
 
-A quantized model no longer saves with ``save_pretrained`` as a plain transformers
+:func:`quantize_weights_int8` rounds the weights alone to an int8 grid, one scale per output
+row (per channel, as GPTQ and LLM.int8() do for weights) or per tensor, and leaves the
+activations in float. Set beside dynamic int8, it separates the error of the weights from
+that of the activations. It is simulated quantization: the rounded weights stay in the
+model's dtype, so it measures int8 weights' quality, not their size or speed.
+
+A dynamically quantized model no longer saves with ``save_pretrained`` as a plain transformers
 model; :func:`shortgpt_lite.costs.serialized_bytes` measures its size as a ``torch.save``
 state dict.
 """
@@ -25,9 +31,9 @@ import warnings
 import torch
 from torch import nn
 
-from .layers import decoder_layers
+from .layers import decoder_layers, unwrap_model
 
-__all__ = ["is_quantized", "quantize_int8"]
+__all__ = ["int8_weights", "is_quantized", "quantize_int8", "quantize_weights_int8"]
 
 _DEPRECATIONS = (
     r"torch\.ao\.quantization is deprecated",
@@ -35,16 +41,24 @@ _DEPRECATIONS = (
 )
 
 
-def quantize_int8(model: nn.Module, *, include_lm_head: bool = False,
+def _check_per(per: str) -> None:
+    if per not in ("tensor", "channel"):
+        raise ValueError(f"per={per!r}: choose 'tensor' (one scale per weight matrix) or "
+                         "'channel' (one scale per output row).")
+
+
+def quantize_int8(model: nn.Module, *, per: str = "tensor", include_lm_head: bool = False,
                   inplace: bool = False) -> nn.Module:
     """int8 dynamic quantization of every ``nn.Linear`` in the decoder blocks (and the LM
     head if ``include_lm_head``: off by default because small models tie it to the
     embedding, and quantizing it would store a second, int8 copy next to the fp32 one).
 
     Weights: :math:`W_q = \\mathrm{round}(W / s) + z` in int8, with one scale ``s`` per
-    tensor; activations are quantized per batch at run time. CPU only. Returns the
-    quantized model (a deep copy unless ``inplace=True``).
+    tensor (``per="tensor"``, torch's default) or per output row (``per="channel"``);
+    activations are quantized per batch at run time. CPU only. Returns the quantized model
+    (a deep copy unless ``inplace=True``).
     """
+    _check_per(per)
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("int8 dynamic quantization runs on the CPU; move the model with "
                          "model.to('cpu') first.")
@@ -56,6 +70,9 @@ def quantize_int8(model: nn.Module, *, include_lm_head: bool = False,
     targets = list(decoder_layers(model))
     if include_lm_head and model.get_output_embeddings() is not None:
         targets.append(model.get_output_embeddings())
+    qconfig = (torch.ao.quantization.per_channel_dynamic_qconfig if per == "channel"
+               else torch.ao.quantization.default_dynamic_qconfig)
+    spec = {nn.Linear: qconfig}
     with warnings.catch_warnings():
         for message in _DEPRECATIONS:
             warnings.filterwarnings("ignore", message=message)
@@ -64,12 +81,48 @@ def quantize_int8(model: nn.Module, *, include_lm_head: bool = False,
             if isinstance(target, nn.Linear):
                 holder = nn.Module()
                 holder.head = target
-                torch.ao.quantization.quantize_dynamic(holder, {nn.Linear}, dtype=torch.qint8,
+                torch.ao.quantization.quantize_dynamic(holder, spec, dtype=torch.qint8,
                                                        inplace=True)
                 model.set_output_embeddings(holder.head)
             else:
-                torch.ao.quantization.quantize_dynamic(target, {nn.Linear}, dtype=torch.qint8,
+                torch.ao.quantization.quantize_dynamic(target, spec, dtype=torch.qint8,
                                                        inplace=True)
+    return model
+
+
+def int8_weights(weight: torch.Tensor, per: str = "channel") -> torch.Tensor:
+    """``weight`` rounded to a symmetric int8 grid and scaled back:
+    :math:`\\hat W = s\\,\\mathrm{clamp}(\\mathrm{round}(W / s), -127, 127)` with
+    :math:`s = \\max|W| / 127` over each output row (``per="channel"``) or the whole matrix
+    (``per="tensor"``). Computed in float32, returned in ``weight``'s dtype."""
+    _check_per(per)
+    w = weight.detach().float()
+    peak = w.abs().amax(dim=1, keepdim=True) if per == "channel" else w.abs().amax()
+    scale = (peak / 127).clamp_min(torch.finfo(torch.float32).tiny)  # an all-zero row stays zero
+    return ((w / scale).round().clamp(-127, 127) * scale).to(weight.dtype)
+
+
+def quantize_weights_int8(model: nn.Module, *, per: str = "channel",
+                          include_lm_head: bool = False, inplace: bool = False) -> nn.Module:
+    """Weight-only int8: every ``nn.Linear`` weight of the decoder blocks (and the LM head
+    if ``include_lm_head``) replaced by :func:`int8_weights`, activations untouched. Runs on
+    any device and dtype. The model records ``per`` in
+    ``config.shortgpt_lite_quantization``. Returns a deep copy unless ``inplace=True``."""
+    _check_per(per)
+    if not inplace:
+        model = copy.deepcopy(model)
+    linears = [m for block in decoder_layers(model) for m in block.modules()
+               if isinstance(m, nn.Linear)]
+    if include_lm_head and isinstance(model.get_output_embeddings(), nn.Linear):
+        if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+            raise ValueError("the LM head shares its weight with the input embedding; rounding it "
+                             "would round the embedding too. Leave include_lm_head=False.")
+        linears.append(model.get_output_embeddings())
+    with torch.no_grad():
+        for linear in linears:
+            linear.weight.copy_(int8_weights(linear.weight, per))
+    unwrap_model(model).config.shortgpt_lite_quantization = {"method": "int8 weight-only, round to nearest",
+                                               "per": per, "lm_head": include_lm_head}
     return model
 
 

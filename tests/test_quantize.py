@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shortgpt_lite.costs import serialized_bytes
-from shortgpt_lite.quantize import is_quantized, quantize_int8
+from shortgpt_lite.quantize import int8_weights, is_quantized, quantize_int8, quantize_weights_int8
 from tiny import tiny_llama
 
 
@@ -30,3 +30,56 @@ def test_int8_quantization_is_close_smaller_and_silent():
     assert serialized_bytes(quantized) < serialized_bytes(model)
     with pytest.raises(ValueError, match="fp32"):
         quantize_int8(model.to(torch.bfloat16))
+
+
+def test_int8_weights_round_each_row_to_its_own_grid():
+    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(1))
+    w[2] *= 50  # one loud row: a per-tensor scale hands the other rows a coarse grid
+    by_row = int8_weights(w, "channel")
+    by_hand = torch.stack([(row / (row.abs().max() / 127)).round() * (row.abs().max() / 127)
+                           for row in w])
+    assert torch.allclose(by_row, by_hand, atol=1e-6)
+    for row, q in zip(w, by_row):
+        assert len(q.unique()) <= 255
+        assert (row - q).abs().max() <= row.abs().max() / 127 / 2 + 1e-6
+    by_tensor = int8_weights(w, "tensor")
+    assert torch.allclose(by_tensor, (w / (w.abs().max() / 127)).round() * (w.abs().max() / 127))
+    quiet = [i for i in range(6) if i != 2]
+    assert (w[quiet] - by_row[quiet]).abs().mean() < (w[quiet] - by_tensor[quiet]).abs().mean() / 10
+    assert torch.equal(int8_weights(torch.zeros(2, 3)), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="'tensor'.*'channel'"):
+        int8_weights(w, "row")
+
+
+def test_weight_only_int8_rounds_the_block_linears_and_keeps_the_activations():
+    model = _tiny_llama(layers=2)
+    ids = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
+    rounded = quantize_weights_int8(model)
+    assert not is_quantized(rounded)  # plain float linears, so it runs on any device
+    before = dict(model.named_modules())
+    linears = [(n, m) for n, m in rounded.named_modules()
+               if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}"]
+    assert linears
+    for name, linear in linears:
+        assert torch.equal(linear.weight, int8_weights(before[name].weight, "channel"))
+        assert not torch.equal(linear.weight, before[name].weight)
+    assert torch.equal(rounded.lm_head.weight, model.lm_head.weight)
+    with torch.no_grad():
+        a, b = model(ids).logits, rounded(ids).logits
+    assert torch.allclose(a, b, atol=0.02 * a.abs().max())
+    assert rounded.config.shortgpt_lite_quantization["per"] == "channel"
+    assert not hasattr(model.config, "shortgpt_lite_quantization")
+    with pytest.raises(ValueError, match="shares its weight"):
+        quantize_weights_int8(model, include_lm_head=True)
+
+
+def test_per_channel_dynamic_int8_uses_a_scale_per_row():
+    model = _tiny_llama(layers=1)
+    per_row = quantize_int8(model, per="channel")
+    linear = next(m for m in per_row.modules() if type(m).__name__ == "Linear"
+                  and "quantized" in type(m).__module__)
+    assert linear.weight().qscheme() == torch.per_channel_affine
+    assert quantize_int8(model).model.layers[0].mlp.down_proj.weight().qscheme() \
+        == torch.per_tensor_affine
+    with pytest.raises(ValueError, match="'tensor'.*'channel'"):
+        quantize_int8(model, per="row")
