@@ -664,7 +664,8 @@ EXPERIMENTS["comparison"] = Experiment(
     "evaluation window of several corpora and per-item accuracy of each pruned copy, with "
     "its parameter counts and file size",
     _compute_comparison, _check_comparison,
-    defaults={"methods": ["dense", "shortgpt", "wanda", "wanda-2:4", "magnitude", "context"],
+    defaults={"methods": ["dense", "shortgpt", "width", "wanda", "wanda-2:4", "magnitude",
+                          "context"],
               "budgets": [0.25], "calibration": "wikipedia", "domain": "law",
               "corpora": ["wikipedia", "law", "code"], "seq_len": 256,
               "calibration_windows": 32, "eval_windows": 64,

@@ -45,7 +45,7 @@ def test_every_method_meets_the_budget_as_closely_as_its_granularity_allows(tiny
     neuron_row = 3 * 32 * 12  # one MLP neuron in every layer
     tolerance = {"shortgpt": layer / 2 / total, "shortgpt+int8": layer / 2 / total,
                  "wanda": 0.01, "magnitude": 0.01, "shortgpt+wanda": 0.01,
-                 "context": neuron_row / 2 / total}
+                 "context": neuron_row / 2 / total, "width": neuron_row / 2 / total}
     for method, tol in tolerance.items():
         assert abs(rows.loc[method, "params_removed"] - 0.25) <= tol + 1e-9, method
     assert rows.loc["dense", "params_removed"] == 0
@@ -56,6 +56,9 @@ def test_every_method_meets_the_budget_as_closely_as_its_granularity_allows(tiny
     assert rows.loc["wanda", "params_total"] == total
     assert rows.loc["shortgpt", "params_total"] < total
     assert rows.loc["context", "params_total"] < total
+    # width pruning removes neurons for real, so it saves bytes as layer removal does
+    assert rows.loc["width", "params_total"] == rows.loc["width", "params_kept"] < total
+    assert rows.loc["width", "size_bytes"] < 0.85 * rows.loc["dense", "size_bytes"]
     assert rows.loc["shortgpt+int8", "size_bytes"] < rows.loc["shortgpt", "size_bytes"]
     assert rows.loc["int8", "size_bytes"] < rows.loc["dense", "size_bytes"]
     assert all(math.isfinite(v) for v in df["ppl_wikipedia"])
@@ -135,6 +138,8 @@ def test_bad_input_is_refused(tiny):
         prune_to_budget(model, "wanda", 0.25, progress=False)
     with pytest.raises(ValueError, match="domain"):
         prune_to_budget(model, "context", 0.25, progress=False)
+    with pytest.raises(ValueError, match="calibration windows"):
+        prune_to_budget(model, "width", 0.25, progress=False)
     with pytest.raises(ValueError, match="Unknown domain"):
         compare(model, tokenizer, ["context"], domain="astrology", **SMALL)
     with pytest.raises(ValueError, match="Unknown corpus"):
@@ -184,3 +189,24 @@ def test_int8_on_a_model_it_cannot_quantize_is_refused_before_any_work(monkeypat
     assert pruned == []
     with pytest.raises(ValueError, match="CPU fp32"):
         prune_to_budget(model, "int8", 0.25)
+
+
+def test_width_pruning_removes_the_quietest_neurons_of_the_calibration_text(tiny):
+    model, _ = tiny
+    windows = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(3))
+    pruned, info = prune_to_budget(model, "width", 0.25, windows=windows, progress=False)
+    neurons = info["mlp_neurons_removed_per_layer"]
+    assert neurons > 0
+    width = model.model.layers[0].mlp.up_proj.out_features
+    plan = cmp.context_plan(cmp.context_statistics(model, windows, progress=False),
+                            fraction=neurons / width, linear=False, embeddings=False)
+    for i, (before, after) in enumerate(zip(model.model.layers, pruned.model.layers)):
+        kept = (~plan.activation[i]).nonzero().flatten()
+        assert after.mlp.up_proj.out_features == len(kept) == width - neurons
+        assert torch.equal(after.mlp.up_proj.weight, before.mlp.up_proj.weight[kept])
+        assert torch.equal(after.mlp.down_proj.weight, before.mlp.down_proj.weight[:, kept])
+    # other text, other neurons: the plan is read from the windows it is given
+    other = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(4))
+    again, _ = prune_to_budget(model, "width", 0.25, windows=other, progress=False)
+    assert any(not torch.equal(a.mlp.up_proj.weight, b.mlp.up_proj.weight)
+               for a, b in zip(again.model.layers, pruned.model.layers))
