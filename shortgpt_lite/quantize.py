@@ -109,20 +109,22 @@ def quantize_weights_int8(model: nn.Module, *, per: str = "channel",
     any device and dtype. The model records ``per`` in
     ``config.shortgpt_lite_quantization``. Returns a deep copy unless ``inplace=True``."""
     _check_per(per)
+    head = model.get_output_embeddings() if include_lm_head else None
+    head = head if isinstance(head, nn.Linear) else None
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        raise ValueError("the LM head shares its weight with the input embedding; rounding it "
+                         "would round the embedding too. Leave include_lm_head=False.")
     if not inplace:
         model = copy.deepcopy(model)
     linears = [m for block in decoder_layers(model) for m in block.modules()
                if isinstance(m, nn.Linear)]
-    if include_lm_head and isinstance(model.get_output_embeddings(), nn.Linear):
-        if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
-            raise ValueError("the LM head shares its weight with the input embedding; rounding it "
-                             "would round the embedding too. Leave include_lm_head=False.")
-        linears.append(model.get_output_embeddings())
+    if head is not None:
+        linears.append(model.get_output_embeddings())  # the copy's head
     with torch.no_grad():
         for linear in linears:
             linear.weight.copy_(int8_weights(linear.weight, per))
-    unwrap_model(model).config.shortgpt_lite_quantization = {"method": "int8 weight-only, round to nearest",
-                                               "per": per, "lm_head": include_lm_head}
+    unwrap_model(model).config.shortgpt_lite_quantization = {
+        "method": "int8 weight-only, round to nearest", "per": per, "lm_head": include_lm_head}
     return model
 
 
