@@ -40,8 +40,11 @@ from .curves import (
     area_under_curve,
     compare_accuracy,
     compare_orderings,
+    compare_variants,
     curve_table,
     rank_table,
+    speed_table,
+    variant_table,
 )
 
 # Evaluation and cost
@@ -73,6 +76,7 @@ from .context import (
     domain_windows,
     neuron_mask,
     normalised_l1,
+    random_plan,
     shrink_vocabulary,
 )
 from .quantize import int8_weights, quantize_int8, quantize_weights_int8
@@ -92,6 +96,7 @@ from .plots import (
     angular_distance_heatmap,
     bi_profile,
     book_style,
+    pareto_plot,
     removal_curves,
     removal_overview,
     similarity_heatmap,
@@ -120,8 +125,8 @@ __all__ = [
     "layers_to_remove", "pruning_records", "removal_curve", "remove_layers", "skip_layer",
     # reference runs
     "EXPERIMENTS", "accuracy_drop", "accuracy_table", "area_under_curve", "compare_accuracy",
-    "compare_orderings", "curve_table", "paired_difference", "perplexity_ratio", "rank_table",
-    "reference",
+    "compare_orderings", "compare_variants", "curve_table", "paired_difference",
+    "perplexity_ratio", "rank_table", "reference", "speed_table", "variant_table",
     # evaluation and cost
     "DEFAULT_SUITE", "GENERATION_PROMPTS", "binomial_ci", "bootstrap_interval", "cost",
     "evaluate_choices", "evaluate_suite", "generation_samples", "loglikelihoods",
@@ -132,9 +137,11 @@ __all__ = [
     "VocabularyMap", "compare", "context_plan", "context_prune", "context_statistics",
     "domain_windows", "int8_weights", "magnitude_prune", "neuron_mask", "normalised_l1",
     "prunable_parameters", "prune_to_budget", "quantize_int8", "quantize_weights_int8",
-    "shrink_vocabulary", "sparsity_mask", "sparsity_report", "wanda_prune", "wanda_scores",
+    "random_plan", "shrink_vocabulary", "sparsity_mask", "sparsity_report", "wanda_prune",
+    "wanda_scores",
     # figures, the book's claims, teaching
     "accuracy_dots", "adjacent_similarity", "angular_distance_heatmap", "bi_profile", "book_style", "claim",
+    "pareto_plot",
     "removal_curves", "removal_overview", "similarity_heatmap", "speedup_plot", "student_version",
     "__version__",
 ]

@@ -1,4 +1,5 @@
-"""Reading a stored removal run: curves, ranks across k, and paired comparisons.
+"""Reading stored runs: a removal run's curves, ranks across k and paired comparisons, and
+a comparison run's methods against dense and against each other.
 
 The removal experiment (:mod:`shortgpt_lite.experiments`) stores the negative
 log-likelihood of every plan on every evaluation window and the verdict on every
@@ -21,12 +22,13 @@ import math
 
 import pandas as pd
 
+from .costs import summarise_speeds
 from .evaluate import binomial_ci, bootstrap_interval
 from .experiments import Result, paired_difference, perplexity_ratio
 
 __all__ = ["DATA_FREE", "accuracy_drop", "accuracy_table", "area_under_curve",
-           "compare_accuracy", "compare_orderings", "curve_table", "family", "rank_table",
-           "window_nll"]
+           "compare_accuracy", "compare_orderings", "compare_variants", "curve_table", "family",
+           "rank_table", "speed_table", "variant_table", "window_nll"]
 
 DATA_FREE = ("sequential", "reverse", "random")
 
@@ -165,3 +167,90 @@ def accuracy_drop(result: Result, ordering: str, k: int, *, n_boot: int = 2000,
     base = items[items["k"] == 0].groupby("item")["correct"].first()
     return paired_difference(_verdicts(items, ordering, k), base, n_boot=n_boot, seed=seed)
 
+
+
+# ------------------------------------------------------------ reading a comparison run
+#
+# The comparison experiment stores one row per (variant, corpus, window) and per (variant,
+# item), so every method is read against dense, or against another method, on the same
+# units.
+
+
+def _variant_nll(result: Result) -> pd.DataFrame:
+    """NLL per evaluation window: index ``(corpus, window)``, one column per variant."""
+    return result["ppl"].pivot_table(index=["corpus", "window"], columns="variant",
+                                     values="nll")
+
+
+def _variant_verdicts(result: Result, name: str) -> pd.Series:
+    items = result["items"]
+    part = items[items["variant"] == name]
+    if part.empty:
+        raise ValueError(f"No variant {name!r} in this run; it has "
+                         f"{', '.join(result['variants']['variant'])}.")
+    return part.set_index("item")["correct"]
+
+
+def compare_variants(result: Result, a: str, b: str, *, n_boot: int = 2000,
+                     seed: int = 0) -> dict:
+    """Variant ``a`` against ``b`` of a stored comparison run, on the same units:
+    ``ppl`` is :func:`perplexity_ratio` over every evaluation window of every corpus pooled
+    (``a`` over ``b``), and ``acc`` the accuracy of ``a`` minus that of ``b``, paired over
+    every benchmark item (:func:`paired_difference`)."""
+    nll = _variant_nll(result)
+    for name in (a, b):
+        if name not in nll.columns:
+            raise ValueError(f"No variant {name!r} in this run; it has "
+                             f"{', '.join(map(str, nll.columns))}.")
+    return {"ppl": perplexity_ratio(nll[a], nll[b], n_boot=n_boot, seed=seed),
+            "acc": paired_difference(_variant_verdicts(result, a), _variant_verdicts(result, b),
+                                     n_boot=n_boot, seed=seed)}
+
+
+def variant_table(result: Result, *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """One row per variant of a stored comparison run: its share of parameters removed and
+    its file against dense; its perplexity over dense on each corpus and on all windows
+    pooled (``ppl_x``, with a 95% interval paired over windows); and its accuracy over all
+    items (``acc``, 95% Wilson interval) with its difference from dense paired over items
+    (``acc_diff``)."""
+    variants = result["variants"].set_index("variant")
+    if "dense" not in variants.index:
+        raise ValueError("This comparison run has no dense variant to read the others against.")
+    nll = _variant_nll(result)
+    corpora = list(dict.fromkeys(nll.index.get_level_values("corpus")))
+    rows = []
+    for name, v in variants.iterrows():
+        row = {"variant": name, "method": v["method"], "budget": v["budget"],
+               "params_removed": v["params_removed"],
+               "file_x": v["file_bytes"] / variants.loc["dense", "file_bytes"]}
+        for corpus in corpora:
+            r = perplexity_ratio(nll.loc[corpus, name], nll.loc[corpus, "dense"],
+                                 n_boot=n_boot, seed=seed)
+            row[f"ppl_x_{corpus}"] = r["ratio"]
+        pooled = perplexity_ratio(nll[name], nll["dense"], n_boot=n_boot, seed=seed)
+        row |= {"ppl_x": pooled["ratio"], "ppl_x_low": pooled["ratio_low"],
+                "ppl_x_high": pooled["ratio_high"]}
+        verdicts = _variant_verdicts(result, name)
+        low, high = binomial_ci(int(verdicts.sum()), len(verdicts))
+        diff = paired_difference(verdicts, _variant_verdicts(result, "dense"), n_boot=n_boot,
+                                 seed=seed)
+        row |= {"n_items": len(verdicts), "acc": float(verdicts.mean()), "acc_ci_low": low,
+                "acc_ci_high": high, "acc_diff": diff["mean"], "acc_diff_low": diff["low"],
+                "acc_diff_high": diff["high"]}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def speed_table(result: Result) -> pd.DataFrame:
+    """One row per variant of a stored costs run: its file against dense, and its fastest
+    prefill and decode with their spreads (:func:`shortgpt_lite.costs.summarise_speeds`),
+    as time per prompt and per generated token against dense (``prefill_x``, ``decode_x``;
+    below 1 is faster)."""
+    variants = result["variants"].set_index("variant")
+    speeds = summarise_speeds(result["timings"].rename(columns={"variant": "model"}))
+    table = variants[["method", "budget", "params_removed", "file_bytes"]].join(speeds)
+    dense = table.loc["dense"]
+    table["file_x"] = table["file_bytes"] / dense["file_bytes"]
+    table["prefill_x"] = table["prefill_seconds"] / dense["prefill_seconds"]
+    table["decode_x"] = dense["decode_tokens_per_s"] / table["decode_tokens_per_s"]
+    return table.rename_axis("variant").reset_index()

@@ -293,3 +293,37 @@ def accuracy_dots(acc, title: str, *, chance: float | None = None):
               ncol=len(ks) + (chance is not None))
     fig.tight_layout()
     return fig
+
+
+def pareto_plot(table, costs: dict, qualities: dict, title: str, *, label: str = "method"):
+    """Quality against cost, one panel per (quality, cost) pair: a row of panels per entry
+    of ``qualities`` (``column: (axis label, low column, high column, higher_is_better)``),
+    a column per entry of ``costs`` (``column: axis label``, lower is cheaper). Every row
+    of ``table`` is a point with its interval, named by its ``label`` column; the line joins
+    the points no other point beats on both axes (the Pareto front)."""
+    names = list(table[label])
+    palette = dict(zip(names, sns.color_palette("colorblind", len(names))))
+    fig, axes = plt.subplots(len(qualities), len(costs), squeeze=False,
+                             figsize=(4.2 * len(costs), 3.6 * len(qualities)))
+    for row, (q, (q_label, low, high, higher_better)) in enumerate(qualities.items()):
+        for col, (c, c_label) in enumerate(costs.items()):
+            ax = axes[row][col]
+            for _, r in table.iterrows():
+                ax.errorbar(r[c], r[q], yerr=[[r[q] - r[low]], [r[high] - r[q]]], fmt="o",
+                            color=palette[r[label]], capsize=3, label=r[label])
+            sign = -1 if higher_better else 1
+            front, best = [], np.inf
+            for _, r in table.sort_values([c, q]).iterrows():
+                if sign * r[q] < best:
+                    best = sign * r[q]
+                    front.append((r[c], r[q]))
+            ax.plot(*zip(*front), color="grey", linewidth=1, zorder=0)
+            ax.set(xlabel=c_label, ylabel=q_label if col == 0 else "")
+            if not higher_better:
+                ax.set_yscale("log")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(names), 4), frameon=False,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig

@@ -115,3 +115,45 @@ def test_the_overview_and_accuracy_figures_draw_what_the_tables_hold(run):
     assert [t.get_text() for t in ax.get_yticklabels()] and \
         not any(":" in t.get_text() for t in ax.get_yticklabels())
     plt.close(fig)
+
+
+def _comparison_result():
+    """A comparison run written by hand: two corpora of three windows, four items."""
+    nll = {"dense": [1.0, 2.0, 3.0, 1.5, 2.5, 3.5], "a": [1.5, 2.1, 3.9, 1.6, 2.9, 3.6],
+           "b": [1.2, 2.6, 3.1, 1.9, 2.6, 4.0]}
+    ppl = pd.DataFrame([{"variant": v, "corpus": c, "window": w, "nll": x[3 * i + w]}
+                        for v, x in nll.items() for i, c in enumerate(["wiki", "code"])
+                        for w in range(3)])
+    right = {"dense": [1, 1, 0, 1], "a": [1, 0, 0, 1], "b": [0, 0, 0, 1]}
+    items = pd.DataFrame([{"variant": v, "task": "piqa", "item": i, "correct": c}
+                          for v, xs in right.items() for i, c in enumerate(xs)])
+    variants = pd.DataFrame([{"variant": v, "method": v, "budget": 0.0 if v == "dense" else 0.25,
+                              "params_removed": p, "file_bytes": f}
+                             for v, p, f in [("dense", 0.0, 400), ("a", 0.25, 300),
+                                             ("b", 0.25, 400)]])
+    return ex.Result("comparison", "tiny", {}, {"variants": variants, "ppl": ppl,
+                                                "items": items}, {})
+
+
+def test_variant_table_reads_every_method_against_dense_by_hand():
+    t = curves.variant_table(_comparison_result()).set_index("variant")
+    assert t.loc["dense", "ppl_x"] == pytest.approx(1.0) and t.loc["dense", "acc_diff"] == 0
+    wiki = np.mean([1.5 - 1.0, 2.1 - 2.0, 3.9 - 3.0])
+    assert t.loc["a", "ppl_x_wiki"] == pytest.approx(math.exp(wiki))
+    pooled = np.mean([0.5, 0.1, 0.9, 0.1, 0.4, 0.1])
+    assert t.loc["a", "ppl_x"] == pytest.approx(math.exp(pooled))
+    assert t.loc["a", "ppl_x_low"] <= t.loc["a", "ppl_x"] <= t.loc["a", "ppl_x_high"]
+    assert t.loc["a", "file_x"] == 0.75 and t.loc["b", "file_x"] == 1.0
+    assert t.loc["b", "acc"] == 0.25 and t.loc["b", "acc_diff"] == pytest.approx(-0.5)
+    assert t.loc["b", "acc_ci_low"] < 0.25 < t.loc["b", "acc_ci_high"]
+    assert (t["n_items"] == 4).all()
+
+
+def test_compare_variants_pairs_windows_and_items():
+    r = _comparison_result()
+    d = curves.compare_variants(r, "b", "a")
+    want = np.mean([1.2 - 1.5, 2.6 - 2.1, 3.1 - 3.9, 1.9 - 1.6, 2.6 - 2.9, 4.0 - 3.6])
+    assert d["ppl"]["ratio"] == pytest.approx(math.exp(want)) and d["ppl"]["n"] == 6
+    assert d["acc"]["mean"] == pytest.approx(-0.25) and d["acc"]["n"] == 4
+    with pytest.raises(ValueError, match="No variant 'c'"):
+        curves.compare_variants(r, "c", "a")

@@ -243,6 +243,38 @@ def test_comparison_measures_every_method_at_every_budget_on_the_same_units(tiny
     assert any("window NLL moved" in p for p in ex.check(stale, loaded=tiny))
 
 
+def test_costs_time_every_copy_together_and_flag_a_busy_machine(tiny, isolated):
+    params = {"methods": ["dense", "shortgpt", "wanda", "context"], "budgets": [0.2],
+              "seq_len": 32, "calibration_windows": 2, "prompt_tokens": 8, "decode_tokens": 2,
+              "repeats": 2}
+    r = ex.run("costs", "tiny", out=isolated / "stored", loaded=tiny, progress=False, **params)
+    v = r["variants"].set_index("variant")
+    assert list(v.index) == ["dense", "shortgpt@0.2", "wanda@0.2", "context@0.2"]
+    assert v.loc["wanda@0.2", "file_bytes"] == v.loc["dense", "file_bytes"]
+    assert v.loc["shortgpt@0.2", "file_bytes"] < v.loc["dense", "file_bytes"]
+    t = r["timings"]
+    assert len(t) == 4 * 2 and t.groupby("variant").size().eq(2).all()
+    # interleaved: the order of the second repeat is the first's reversed
+    first = t[t["repeat"] == 0].sort_values("position")["variant"].tolist()
+    assert t[t["repeat"] == 1].sort_values("position")["variant"].tolist() == first[::-1]
+    assert (t["prefill_seconds"] > 0).all() and (t["decode_tokens_per_s"] > 0).all()
+    # a tiny model's timings are noise, so the check is shown on timings set by hand
+    quiet = ex.load_result(r.path)
+    dense = quiet["timings"][quiet["timings"]["variant"] == "dense"].set_index("repeat")
+    same = quiet["timings"]["variant"] == "wanda@0.2"
+    quiet["timings"].loc[same, "prefill_seconds"] = dense.loc[
+        quiet["timings"].loc[same, "repeat"], "prefill_seconds"].to_numpy()
+    assert ex.check(quiet, loaded=tiny) == []
+    busy = ex.load_result(quiet.path)
+    busy.tables["timings"] = quiet["timings"].copy()
+    busy["timings"].loc[same, "prefill_seconds"] *= 1.5
+    assert any("was not idle" in p for p in ex.check(busy, loaded=tiny))
+    busy.tables["timings"] = quiet["timings"][quiet["timings"]["repeat"] == 0]
+    assert any("expected 2 runs" in p for p in ex.check(busy, loaded=tiny))
+    quiet["variants"].loc[quiet["variants"]["variant"] == "shortgpt@0.2", "file_bytes"] += 1
+    assert any("file_bytes" in p for p in ex.check(quiet, loaded=tiny))
+
+
 def test_an_interrupted_comparison_resumes_without_repeating_rows(tiny, isolated, monkeypatch):
     calls = []
     real = ex._item_rows

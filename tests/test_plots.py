@@ -110,3 +110,21 @@ def test_speedup_plot_ratios_against_ideal():
     with pytest.raises(ValueError, match="k = 0"):
         speedup_plot(df[df["k"] > 0], num_layers=10)
     plt.close("all")
+
+
+def test_pareto_plot_joins_only_the_points_nothing_beats():
+    table = pd.DataFrame({"method": ["dense", "a", "b", "c"],
+                          "file": [1.0, 0.7, 0.8, 0.6], "ppl": [1.0, 2.0, 3.0, 5.0],
+                          "acc": [0.6, 0.5, 0.55, 0.3]})
+    table["ppl_lo"], table["ppl_hi"] = table["ppl"] * 0.9, table["ppl"] * 1.1
+    table["acc_lo"], table["acc_hi"] = table["acc"] - 0.05, table["acc"] + 0.05
+    fig = plots.pareto_plot(table, {"file": "file / dense"},
+                            {"ppl": ("ppl x dense", "ppl_lo", "ppl_hi", False),
+                             "acc": ("accuracy", "acc_lo", "acc_hi", True)}, title="T")
+    ppl_ax, acc_ax = fig.axes[0], fig.axes[1]
+    # cheapest first: c (0.6), a (0.7), b (0.8) is beaten by a, dense (1.0)
+    assert list(zip(*ppl_ax.lines[-1].get_data())) == [(0.6, 5.0), (0.7, 2.0), (1.0, 1.0)]
+    assert list(zip(*acc_ax.lines[-1].get_data())) == [(0.6, 0.3), (0.7, 0.5), (0.8, 0.55),
+                                                       (1.0, 0.6)]
+    assert ppl_ax.get_yscale() == "log" and acc_ax.get_yscale() == "linear"
+    assert fig._suptitle.get_text() == "T" and len(fig.legends[0].get_texts()) == 4
