@@ -260,6 +260,23 @@ def context_plan(stats: ContextStatistics, *, threshold: float | None = None,
     return plan
 
 
+def random_plan(like: ContextPlan, *, seed: int = 0) -> ContextPlan:
+    """The control for a :class:`ContextPlan`: in every layer it prunes as many neurons (and
+    as many embedding rows) as ``like`` does, drawn uniformly at random with ``seed``. What
+    ``like`` does better than this plan is what the activation statistic bought."""
+    g = torch.Generator().manual_seed(seed)
+
+    def same_count(mask: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(mask, dtype=torch.bool)
+        out[torch.randperm(mask.numel(), generator=g)[:int(mask.sum())]] = True
+        return out
+
+    return ContextPlan(linear={n: same_count(m) for n, m in like.linear.items()},
+                       activation={b: same_count(m) for b, m in like.activation.items()},
+                       tokens=None if like.tokens is None else same_count(like.tokens),
+                       rule={**like.rule, "random_seed": seed})
+
+
 # ---------------------------------------------------------------------------- pruning
 
 

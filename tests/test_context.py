@@ -13,6 +13,7 @@ from shortgpt_lite.context import (
     domain_windows,
     neuron_mask,
     normalised_l1,
+    random_plan,
     shrink_vocabulary,
 )
 from tiny import tiny_llama
@@ -164,6 +165,29 @@ def test_shrunk_vocabulary_reloads_and_maps_tokens(tmp_path):
 
 
 # ---------------------------------------------------------------------------- bad input
+
+
+def test_random_plan_prunes_the_same_counts_elsewhere_and_is_seeded():
+    model = _tiny_llama(layers=2)
+    stats = context_statistics(model, _windows(), progress=False)
+    like = context_plan(stats, fraction=0.25, min_count=0)
+    a, b = random_plan(like, seed=3), random_plan(like, seed=3)
+    for field in ("linear", "activation"):
+        want, got = getattr(like, field), getattr(a, field)
+        assert want.keys() == got.keys()
+        for key in want:
+            assert int(got[key].sum()) == int(want[key].sum()) > 0
+            assert torch.equal(got[key], getattr(b, field)[key])
+    assert int(a.tokens.sum()) == int(like.tokens.sum())
+    # another seed draws other neurons, and the draw is not the statistic's own choice
+    other = random_plan(like, seed=4)
+    assert any(not torch.equal(other.activation[k], a.activation[k]) for k in a.activation)
+    assert any(not torch.equal(like.activation[k], a.activation[k]) for k in a.activation)
+    assert a.rule["random_seed"] == 3 and a.rule["fraction"] == 0.25
+    # it prunes like any plan: physically, with the same width left in every block
+    pruned = context_prune(model, a, physical=True, progress=False)
+    assert pruned.config.intermediate_size == model.config.intermediate_size - int(
+        like.activation[0].sum())
 
 
 def test_bad_input_is_refused():
