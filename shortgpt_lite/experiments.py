@@ -579,9 +579,13 @@ def _variant(method: str, budget: float) -> str:
     return "dense" if method == "dense" else f"{method}@{budget:g}"
 
 
+def _calibration_windows(tokenizer, p):
+    return token_windows(tokenizer, load_text(p["calibration"], "calibration"), p["seq_len"],
+                         p["calibration_windows"])
+
+
 def _comparison_data(tokenizer, p):
-    calibration = token_windows(tokenizer, load_text(p["calibration"], "calibration"),
-                                p["seq_len"], p["calibration_windows"])
+    calibration = _calibration_windows(tokenizer, p)
     evaluation = {c: token_windows(tokenizer, load_text(c, "evaluation"), p["seq_len"],
                                    p["eval_windows"]) for c in p["corpora"]}
     return calibration, evaluation, *_benchmark_items(p)
@@ -628,23 +632,33 @@ def _compute_comparison(model, tokenizer, store, progress, **p) -> None:
         del pruned
 
 
+def _recheck_sizes(model, tokenizer, result: Result, calibration, columns, problems):
+    """Prune the dense model and the first pruned variant again, as the run did, append to
+    ``problems`` every column of ``columns`` that differs from the stored ``variants`` row,
+    and yield ``(variant, pruned copy)`` for further checks."""
+    stored = result["variants"].set_index("variant")
+    for name in ["dense"] + [v for v in stored.index if v != "dense"][:1]:
+        method, budget = stored.loc[name, "method"], float(stored.loc[name, "budget"])
+        pruned, info = _prune_variant(model, tokenizer, method, budget, calibration,
+                                      result.params)
+        got = _variant_rows(model, pruned, method, budget, info).iloc[0]
+        for column in columns:
+            if int(got[column]) != int(stored.loc[name, column]):
+                problems.append(f"{name}: {column} {got[column]} against stored "
+                                f"{stored.loc[name, column]}")
+        yield name, pruned
+
+
 def _check_comparison(model, tokenizer, result: Result, windows: int = 2,
                       n_items: int = 20) -> list[str]:
     """Recompute a slice: the dense model and the first pruned variant, their parameter
     counts, the first ``windows`` windows of the first corpus and ``n_items`` items."""
     p, problems = result.params, []
     calibration, evaluation, items, tasks = _comparison_data(tokenizer, p)
-    stored = result["variants"].set_index("variant")
     corpus = p["corpora"][0]
     picked = list(range(min(n_items, len(items))))
-    for name in ["dense"] + [v for v in stored.index if v != "dense"][:1]:
-        method, budget = stored.loc[name, "method"], float(stored.loc[name, "budget"])
-        pruned, info = _prune_variant(model, tokenizer, method, budget, calibration, p)
-        got = _variant_rows(model, pruned, method, budget, info).iloc[0]
-        for column in ("layers", "params_total", "params_nonzero"):
-            if int(got[column]) != int(stored.loc[name, column]):
-                problems.append(f"{name}: {column} {got[column]} against stored "
-                                f"{stored.loc[name, column]}")
+    for name, pruned in _recheck_sizes(model, tokenizer, result, calibration,
+                                       ("layers", "params_total", "params_nonzero"), problems):
         nll = _ppl_rows(pruned, evaluation[corpus][:windows], name, p["batch_size"])["nll"]
         want = result["ppl"][(result["ppl"]["variant"] == name)
                              & (result["ppl"]["corpus"] == corpus)].set_index("window")["nll"]
@@ -684,8 +698,7 @@ EXPERIMENTS["comparison"] = Experiment(
 def _compute_costs(model, tokenizer, store, progress, **p) -> None:
     if store.read("timings") is not None:
         return
-    calibration = token_windows(tokenizer, load_text(p["calibration"], "calibration"),
-                                p["seq_len"], p["calibration_windows"])
+    calibration = _calibration_windows(tokenizer, p)
     variants = list(dict.fromkeys((m, 0.0 if m == "dense" else b)
                                   for b in p["budgets"] for m in p["methods"]))
     copies, sizes = {}, []
@@ -705,17 +718,11 @@ def _check_costs(model, tokenizer, result: Result) -> list[str]:
     other machine reproduces, checked for completeness and for what must hold on any idle
     machine: a model with the dense model's compute (zeroed weights) times like it."""
     p, problems = result.params, []
-    calibration = token_windows(tokenizer, load_text(p["calibration"], "calibration"),
-                                p["seq_len"], p["calibration_windows"])
     stored = result["variants"].set_index("variant")
-    for name in ["dense"] + [v for v in stored.index if v != "dense"][:1]:
-        method, budget = stored.loc[name, "method"], float(stored.loc[name, "budget"])
-        pruned, info = _prune_variant(model, tokenizer, method, budget, calibration, p)
-        got = _variant_rows(model, pruned, method, budget, info).iloc[0]
-        for column in ("layers", "params_total", "params_nonzero", "file_bytes"):
-            if int(got[column]) != int(stored.loc[name, column]):
-                problems.append(f"{name}: {column} {got[column]} against stored "
-                                f"{stored.loc[name, column]}")
+    columns = ("layers", "params_total", "params_nonzero", "file_bytes")
+    for _ in _recheck_sizes(model, tokenizer, result, _calibration_windows(tokenizer, p),
+                            columns, problems):
+        pass
     timings = result["timings"]
     counts = timings.groupby("variant").size()
     if set(counts.index) != set(stored.index) or not (counts == p["repeats"]).all():
