@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -276,22 +277,79 @@ def _encode_requests(tokenizer, requests) -> list[tuple[list[int], list[int]]]:
     return encoded
 
 
-def plan_batches(model, tokenizer, requests, batch_size: int):
-    """Group requests into left-padded batches of distinct model inputs.
+class Batch(NamedTuple):
+    """One model call of :func:`plan_batches`.
 
-    A request's input is ``(context + continuation)[:-1]``: the last ``k`` positions
-    predict the ``k`` continuation tokens. Requests whose inputs are identical (one-token
-    answers such as MMLU's letters, BoolQ's yes/no) share one row. Rows are sorted
-    longest first, so each batch holds similar lengths and little padding, and an
-    out-of-memory error shows up in the first batch. Inputs longer than the model's
-    positions lose tokens from the left, as in lm-evaluation-harness.
+    ``rows[r]`` is ``(scored, members)``: the row's last ``scored`` positions carry the
+    logits it needs (``keep`` is the largest), and ``members`` lists
+    ``(request index, continuation ids, offset)``, where the continuation's first token
+    is predicted at the first scored position (the context's last token) and token
+    ``j >= 1`` at scored position ``offset + j``. ``attention_mask`` is 2-D (padding
+    only), 4-D (additive, for rows holding several continuations) or None.
+    """
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    keep: int
+    rows: list
+    tokens: int
 
-    Returns a list of ``(input_ids, attention_mask, position_ids, keep, members)`` where
-    ``keep`` is how many final positions need logits and ``members[row]`` lists
-    ``(request index, continuation ids)``.
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _packs_rows(model) -> bool:
+    """Whether a packed row scores as its requests would alone: not with ALiBi (Falcon,
+    BLOOM, MPT), whose position bias is built from a 2-D mask rather than position ids."""
+    config = _text_config(model)
+    return not (getattr(config, "alibi", False) or config.model_type in ("bloom", "mpt"))
+
+
+def _block_mask(segments: list[torch.Tensor], width: int, dtype) -> torch.Tensor:
+    """Additive ``[rows, 1, width, width]`` mask for left-padded packed rows. ``segments[r]``
+    numbers each real token of row ``r``: 0 for the shared context, ``s`` for the tokens
+    of its ``s``-th continuation. A token sees the context and the earlier tokens of its
+    own continuation; a padding position sees only itself."""
+    allowed = torch.zeros((len(segments), width, width), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    for r, seg in enumerate(segments):
+        pad = width - len(seg)
+        q, k = seg[:, None], seg[None, :]
+        allowed[r, pad:, pad:] = causal[:len(seg), :len(seg)] & ((k == 0) | (k == q))
+        allowed[r, range(pad), range(pad)] = True
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def plan_batches(model, tokenizer, requests, batch_size: int,
+                 share_context: bool = True) -> list[Batch]:
+    """Group requests into left-padded batches of model inputs.
+
+    A request's input is ``(context + continuation)[:-1]``: the context's last position
+    predicts the first continuation token, and the continuation's tokens the rest. With
+    ``share_context`` (the default), the requests that share a context, such as the
+    choices of one HellaSwag or ARC item, share one row: the context once, then each
+    continuation but its last token, packed one after another. A 4-D attention mask lets
+    each continuation see the context and itself, never another continuation, and its
+    position ids restart where the context ends, so every score equals the one its own
+    row would give, up to rounding; the row costs ``|context| + Σ(|continuation| - 1)``
+    tokens instead of ``Σ(|context| + |continuation| - 1)``. One-token answers with the
+    same context (MMLU's letters, BoolQ's yes/no) always share a row.
+
+    Rows are sorted longest first, so each batch holds similar lengths and little
+    padding, and an out-of-memory error shows up in the first batch. Inputs longer than
+    the model's positions lose tokens from the left, as in lm-evaluation-harness, and
+    keep a row of their own, as does every request when ``share_context`` is False, when
+    a sliding window is shorter than the request, or when the model's positions come
+    from ALiBi.
     """
     max_pos = max_positions(model)
-    rows: dict[tuple[int, ...], list] = {}
+    window = getattr(_text_config(model), "sliding_window", None)
+    share_context = share_context and _packs_rows(model)
+    groups: dict[tuple, tuple[list[int], dict[tuple, int], list]] = {}
     for i, (ctx, cont) in enumerate(_encode_requests(tokenizer, requests)):
         if not cont:
             raise ValueError(f"Request {i} has an empty continuation {requests[i][1]!r}; every "
@@ -300,33 +358,57 @@ def plan_batches(model, tokenizer, requests, batch_size: int):
             raise ValueError(f"Request {i}'s continuation is {len(cont)} tokens, more than the "
                              f"model's {max_pos} positions.")
         whole = ctx + cont
-        if max_pos is not None:
-            whole = whole[-(max_pos + 1):]
-        rows.setdefault(tuple(whole[:-1]), []).append((i, cont))
-    order = sorted(rows, key=len, reverse=True)
+        if max_pos is not None and len(whole) - 1 > max_pos:
+            ctx = whole[-(max_pos + 1):-len(cont)]
+            shared = False
+        else:  # a sliding window must cover the whole request for its mask to stay exact
+            shared = share_context and (window is None or len(whole) - 1 <= window)
+        segment = tuple(cont[:-1])
+        key = (tuple(ctx),) if shared else (tuple(ctx), segment)
+        _, offsets, members = groups.setdefault(key, (ctx, {}, []))
+        if segment and segment not in offsets:
+            offsets[segment] = sum(map(len, offsets))
+        members.append((i, cont, offsets.get(segment, 0)))
+    rows = [(list(ctx) + [t for s in offsets for t in s], len(ctx), offsets, members)
+            for ctx, offsets, members in groups.values()]
+    rows.sort(key=lambda r: len(r[0]), reverse=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    dtype = getattr(model, "dtype", torch.float32)
+    dtype = dtype if dtype.is_floating_point else torch.float32
     batches = []
-    for start in range(0, len(order), batch_size):
-        inputs = order[start:start + batch_size]
-        width = len(inputs[0])
-        ids = torch.full((len(inputs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(inputs), width), dtype=torch.long)
-        for r, inp in enumerate(inputs):
-            ids[r, width - len(inp):] = torch.tensor(inp)
-            mask[r, width - len(inp):] = 1
-        if bool(mask.all()):
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = len(chunk[0][0])
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        real = torch.zeros((len(chunk), width), dtype=torch.long)
+        positions = torch.zeros((len(chunk), width), dtype=torch.long)
+        segments = []
+        for r, (tokens, n_ctx, offsets, _) in enumerate(chunk):
+            ids[r, width - len(tokens):] = torch.tensor(tokens)
+            real[r, width - len(tokens):] = 1
+            seg = torch.zeros(len(tokens), dtype=torch.long)
+            pos = torch.arange(len(tokens))
+            at = n_ctx
+            for s, segment in enumerate(offsets, start=1):
+                seg[at:at + len(segment)] = s
+                pos[at:at + len(segment)] = torch.arange(n_ctx, n_ctx + len(segment))
+                at += len(segment)
+            positions[r, width - len(tokens):] = pos
+            segments.append(seg)
+        scored = [(1 + sum(map(len, offsets)), members) for _, _, offsets, members in chunk]
+        keep = max(n for n, _ in scored)
+        if any(len(offsets) > 1 for _, _, offsets, _ in chunk):
+            mask = _block_mask(segments, width, dtype)
+        elif bool(real.all()):
             mask = positions = None  # no padding: the plain causal path
         else:
-            # Left padding shifts a row; its position ids restart at 0 on its first token.
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        members = [rows[inp] for inp in inputs]
-        keep = max(len(cont) for m in members for _, cont in m)
-        batches.append((ids, mask, positions, keep, members))
+            mask = real  # left padding: position ids restart at 0 on each row's first token
+        batches.append(Batch(ids, mask, positions, keep, scored, int(real.sum())))
     return batches
 
 
 def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 16,
-                   progress: bool = True) -> list[tuple[float, bool]]:
+                   progress: bool = True, share_context: bool = True) -> list[tuple[float, bool]]:
     """``(log p(continuation | context), is_greedy)`` for each ``(context, continuation)``.
 
     The score is the sum of the continuation tokens' log-probabilities,
@@ -336,35 +418,39 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
     and ``is_greedy`` says whether every :math:`y_j` is the argmax, as in
     lm-evaluation-harness's ``loglikelihood``. Batches are left-padded with an attention
     mask and position ids that start at each row's first real token, so padding does not
-    change a score. The model computes logits only for the last ``k`` positions of a
-    batch, and log-softmax runs in fp32 over those positions alone.
+    change a score. Requests that share a context share one row (see
+    :func:`plan_batches`; ``share_context=False`` gives each its own). The model computes
+    logits only for the positions that are scored, and log-softmax runs in fp32 over
+    those positions alone.
     """
-    return _loglikelihoods(model, tokenizer, requests, batch_size, progress)[0]
+    return _loglikelihoods(model, tokenizer, requests, batch_size, progress, share_context)[0]
 
 
-def _loglikelihoods(model, tokenizer, requests, batch_size, progress):
+def _loglikelihoods(model, tokenizer, requests, batch_size, progress, share_context=True):
     """``loglikelihoods`` plus the number of real (non-padding) tokens it ran."""
     if len(requests) == 0:
         raise ValueError("No requests to score; pass at least one (context, continuation) pair.")
     _check_tokenizer(model, tokenizer)
     device = input_device(model)
     results: list[tuple[float, bool] | None] = [None] * len(requests)
-    batches = plan_batches(model, tokenizer, requests, batch_size)
+    batches = plan_batches(model, tokenizer, requests, batch_size, share_context)
     with torch.inference_mode():
-        for ids, mask, positions, keep, members in tqdm(batches, desc="log-likelihood",
-                                                        disable=not progress):
-            logits = model(ids.to(device),
+        for batch in tqdm(batches, desc="log-likelihood", disable=not progress):
+            mask, positions = batch.attention_mask, batch.position_ids
+            logits = model(batch.input_ids.to(device),
                            attention_mask=None if mask is None else mask.to(device),
                            position_ids=None if positions is None else positions.to(device),
-                           use_cache=False, logits_to_keep=keep).logits
-            for row, requests_in_row in enumerate(members):
-                for i, cont in requests_in_row:
-                    k = len(cont)
-                    logprobs = torch.log_softmax(logits[row, keep - k:].float(), dim=-1)
+                           use_cache=False, logits_to_keep=batch.keep).logits
+            for row, (scored, members) in enumerate(batch.rows):
+                logprobs = torch.log_softmax(logits[row, batch.keep - scored:].float(), dim=-1)
+                for i, cont, offset in members:
+                    at = torch.tensor([0] + [offset + j for j in range(1, len(cont))],
+                                      device=logprobs.device)
                     target = torch.tensor(cont, device=logprobs.device)
-                    ll = float(logprobs.gather(-1, target[:, None]).sum())
-                    results[i] = (ll, bool((logprobs.argmax(-1) == target).all()))
-    tokens = sum(ids.numel() if mask is None else int(mask.sum()) for ids, mask, *_ in batches)
+                    picked = logprobs[at]
+                    ll = float(picked.gather(-1, target[:, None]).sum())
+                    results[i] = (ll, bool((picked.argmax(-1) == target).all()))
+    tokens = sum(batch.tokens for batch in batches)
     return results, tokens
 
 

@@ -59,6 +59,9 @@ REQUESTS = [
 
 def test_loglikelihoods_equal_a_plain_forward_pass(tiny):
     model, tokenizer = tiny
+    # REQUESTS holds two contexts with two continuations each: packed rows are checked too
+    assert any(b.attention_mask is not None and b.attention_mask.dim() == 4
+               for b in ev.plan_batches(model, tokenizer, REQUESTS, 4))
     got = ev.loglikelihoods(model, tokenizer, REQUESTS, batch_size=4, progress=False)
     for (ctx, cont), (ll, greedy) in zip(REQUESTS, got):
         want_ll, want_greedy = _naive_loglikelihood(model, tokenizer, ctx, cont)
@@ -75,19 +78,81 @@ def test_padding_does_not_change_scores(tiny):
     assert [g for _, g in one] == [g for _, g in together]
 
 
-def test_plan_batches_shares_identical_inputs_and_pads_on_the_left(tiny):
+def test_plan_batches_shares_one_token_answers_and_pads_on_the_left(tiny):
     model, tokenizer = tiny
     requests = [("Is it?", "A"), ("Is it?", "B"), ("A much longer question here?", "AB")]
-    batches = ev.plan_batches(model, tokenizer, requests, batch_size=8)
-    assert len(batches) == 1
-    ids, mask, positions, keep, members = batches[0]
-    # a row is the context plus all but the last continuation token, so the two one-token
-    # answers after the same context share one row
-    assert ids.shape[0] == len(members) == 2
-    assert sorted(i for m in members for i, _ in m) == [0, 1, 2]
-    assert mask is not None and mask[0].all() and not mask[1].all()  # longest row first
-    assert positions[1, -1] == mask[1].sum() - 1
-    assert keep == max(len(cont) for m in members for _, cont in m)
+    for share in (True, False):
+        batches = ev.plan_batches(model, tokenizer, requests, batch_size=8, share_context=share)
+        assert len(batches) == 1
+        ids, mask, positions, keep, rows, tokens = batches[0]
+        # a row is the context plus all but the last continuation token, so the two
+        # one-token answers after the same context share one row in either layout
+        assert ids.shape[0] == len(rows) == 2
+        assert sorted(i for _, members in rows for i, _, _ in members) == [0, 1, 2]
+        assert mask is not None and mask.dim() == 2
+        assert mask[0].all() and not mask[1].all()  # longest row first
+        assert positions[1, -1] == mask[1].sum() - 1
+        assert keep == 2 and [n for n, _ in rows] == [2, 1]
+        assert tokens == int(mask.sum())
+
+
+def test_choices_of_one_context_are_packed_into_one_row(tiny):
+    model, tokenizer = tiny
+    requests = [("Q: big?", " yes indeed"), ("Q: big?", " no"), ("Q: big?", " maybe so")]
+    (ids, mask, positions, keep, rows, tokens), = ev.plan_batches(model, tokenizer, requests, 8)
+    n_ctx = len("Q: big?")  # one token per byte
+    segments = [len(c) - 1 for _, c in requests]  # each continuation but its last token
+    assert ids.shape == (1, n_ctx + sum(segments)) and tokens == ids.numel()
+    # positions restart where the context ends for every continuation
+    assert positions[0].tolist() == list(range(n_ctx)) + [n_ctx + j for s in segments
+                                                           for j in range(s)]
+    visible = mask[0, 0] == 0
+    start = n_ctx + segments[0]  # the first token of " no"'s segment
+    assert visible[start, :n_ctx].all()  # sees the whole context
+    assert not visible[start, n_ctx:start].any()  # and not the continuation before it
+    assert visible[start, start] and visible[start + 1, start] and not visible[start, start + 1]
+    assert keep == rows[0][0] == 1 + sum(segments)
+    assert [offset for _, _, offset in rows[0][1]] == [0, segments[0], segments[0] + segments[1]]
+    # one row per request without sharing, each its own context + continuation
+    unshared = ev.plan_batches(model, tokenizer, requests, 8, share_context=False)
+    assert sum(len(b.rows) for b in unshared) == 3
+    assert sum(b.tokens for b in unshared) == sum(n_ctx + len(c) - 1 for _, c in requests)
+
+
+def test_packed_rows_score_as_one_row_per_request_on_every_architecture():
+    import transformers as T
+    from tiny import ARCHITECTURES, tiny_config
+
+    tokenizer = byte_tokenizer()
+    requests = [("Question: which is longer?\nAnswer:", " a river"),
+                ("Question: which is longer?\nAnswer:", " a puddle of water"),
+                ("Hi", " there you"), ("Hi", " x"), ("A context of its own", " at all")]
+    for name in ARCHITECTURES:
+        config = tiny_config(name, 2)
+        if getattr(config, "sliding_window", None):
+            config.sliding_window = 64  # wider than every request, so rows may be packed
+        torch.manual_seed(0)
+        model = T.AutoModelForCausalLM.from_config(config).eval()
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        packed = ev.loglikelihoods(model, tokenizer, requests, 4, progress=False)
+        alone = ev.loglikelihoods(model, tokenizer, requests, 1, progress=False,
+                                  share_context=False)
+        np.testing.assert_allclose([s for s, _ in packed], [s for s, _ in alone], atol=1e-4,
+                                   err_msg=name)
+        assert [g for _, g in packed] == [g for _, g in alone], name
+        masks = [b.attention_mask for b in ev.plan_batches(model, tokenizer, requests, 4)]
+        assert any(m is not None and m.dim() == 4 for m in masks) == (name != "falcon_alibi"), \
+            name
+
+
+def test_a_sliding_window_shorter_than_the_request_keeps_rows_apart(tiny):
+    model, tokenizer = tiny
+    requests = [("Question: which is longer?", " a river"), ("Question: which is longer?", " a lake")]
+    model = copy.deepcopy(model)
+    model.config.sliding_window = 16
+    assert sum(len(b.rows) for b in ev.plan_batches(model, tokenizer, requests, 8)) == 2
+    model.config.sliding_window = 64
+    assert sum(len(b.rows) for b in ev.plan_batches(model, tokenizer, requests, 8)) == 1
 
 
 def test_trailing_space_of_the_context_moves_to_the_continuation(tiny):

@@ -37,8 +37,9 @@ def test_replayed_prefix_matches_the_pruned_copy(arch):
 def test_replay_works_for_padded_multiple_choice_batches():
     model, tok = tiny_model("llama", layers=4), byte_tokenizer()
     model.resize_token_embeddings(len(tok))
+    # two contexts with two continuations each: packed rows with a 4-D mask are replayed too
     requests = [("The cat", " sat"), ("A much longer context here", " on the mat"),
-                ("x", " y z"), ("Hello", " world")]
+                ("x", " y z"), ("Hello", " world"), ("The cat", " ran off"), ("x", " w")]
     prefix = SharedPrefix(model, [2])
     with prefix.recording():
         loglikelihoods(model, tok, requests, batch_size=2, progress=False)

@@ -1,6 +1,7 @@
 """``eval``: the token throughput of ``perplexity`` and of multiple-choice scoring
 (``loglikelihoods``), each against bare forward passes over the very same batches, so
-the table shows what the scoring around the model costs."""
+the table shows what the scoring around the model costs; and the time of scoring the
+same requests with a shared context packed into one row against one row per request."""
 
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ def bench_eval(args) -> None:
     requests = [r for it in items for r in it.requests]
     # the left-padded batches loglikelihoods() runs, planned the same way
     batches = plan_batches(model, tokenizer, requests, choice_batch)
-    real = sum(int(ids.numel() if m is None else m.sum()) for ids, m, *_ in batches)
-    padded = sum(ids.numel() for ids, *_ in batches)
+    real = sum(b.tokens for b in batches)
+    padded = sum(b.input_ids.numel() for b in batches)
+    unshared = sum(b.tokens for b in plan_batches(model, tokenizer, requests, choice_batch,
+                                                  share_context=False))
 
     def forward_windows():
         with torch.inference_mode():
@@ -55,13 +58,17 @@ def bench_eval(args) -> None:
 
     mix = ", ".join(f"{k} {v}" for k, v in MIX.items())
     print(f"\nmultiple choice: {len(items)} items ({mix}), {len(requests)} requests in "
-          f"{sum(len(b[0]) for b in batches)} distinct rows, {len(batches)} left-padded batches "
-          f"of up to {choice_batch}; {real} tokens ({padded} with padding)")
+          f"{sum(len(b.rows) for b in batches)} rows (choices of one context packed into one), "
+          f"{len(batches)} left-padded batches of up to {choice_batch}; {real} tokens "
+          f"({padded} with padding; {unshared} with one row per request)")
     print_times(interleaved_times({
         "bare forward (all logits)": forward_batches,
         "loglikelihoods() incl. tokenising": lambda: loglikelihoods(
             model, tokenizer, requests, choice_batch, progress=False),
+        "loglikelihoods(share_context=False)": lambda: loglikelihoods(
+            model, tokenizer, requests, choice_batch, progress=False, share_context=False),
     }, args.repeats, device), real)
-    print("tokens/s counts real (non-padding) tokens. 'bare forward' is model(input_ids) on the "
-          "same batches,\nwith logits at every position; loglikelihoods() asks only for the "
-          "positions it scores.")
+    print("tokens/s counts the real (non-padding) tokens of the packed rows for every line, so "
+          "its ratios are\nratios of time. 'bare forward' is model(input_ids) on the same "
+          "batches, with logits at every\nposition; loglikelihoods() asks only for the positions "
+          "it scores.")
