@@ -330,9 +330,10 @@ def plan_batches(model, tokenizer, requests, batch_size: int,
 
     A request's input is ``(context + continuation)[:-1]``: the context's last position
     predicts the first continuation token, and the continuation's tokens the rest. With
-    ``share_context`` (the default), the requests that share a context, such as the
-    choices of one HellaSwag or ARC item, share one row: the context once, then each
-    continuation but its last token, packed one after another. A 4-D attention mask lets
+    ``share_context`` (the default), the requests that share a context at least as long
+    as their longest continuation, such as the choices of one HellaSwag or ARC item,
+    share one row: the context once, then each continuation but its last token, packed
+    one after another. A 4-D attention mask lets
     each continuation see the context and itself, never another continuation, and its
     position ids restart where the context ends, so every score equals the one its own
     row would give, up to rounding; the row costs ``|context| + Σ(|continuation| - 1)``
@@ -349,7 +350,7 @@ def plan_batches(model, tokenizer, requests, batch_size: int,
     max_pos = max_positions(model)
     window = getattr(_text_config(model), "sliding_window", None)
     share_context = share_context and _packs_rows(model)
-    groups: dict[tuple, tuple[list[int], dict[tuple, int], list]] = {}
+    encoded = []
     for i, (ctx, cont) in enumerate(_encode_requests(tokenizer, requests)):
         if not cont:
             raise ValueError(f"Request {i} has an empty continuation {requests[i][1]!r}; every "
@@ -359,12 +360,22 @@ def plan_batches(model, tokenizer, requests, batch_size: int,
                              f"model's {max_pos} positions.")
         whole = ctx + cont
         if max_pos is not None and len(whole) - 1 > max_pos:
-            ctx = whole[-(max_pos + 1):-len(cont)]
-            shared = False
+            ctx, shared = whole[-(max_pos + 1):-len(cont)], False
         else:  # a sliding window must cover the whole request for its mask to stay exact
             shared = share_context and (window is None or len(whole) - 1 <= window)
+        encoded.append((i, ctx, cont, shared))
+    # Packing pays where the context is at least as long as the longest continuation
+    # (HellaSwag, ARC); with a short context (PIQA) the longer, unevenly padded rows cost
+    # more than the context saved.
+    longest: dict[tuple, int] = {}
+    for _, ctx, cont, shared in encoded:
+        if shared:
+            longest[tuple(ctx)] = max(longest.get(tuple(ctx), 0), len(cont))
+    groups: dict[tuple, tuple[list[int], dict[tuple, int], list]] = {}
+    for i, ctx, cont, shared in encoded:
         segment = tuple(cont[:-1])
-        key = (tuple(ctx),) if shared else (tuple(ctx), segment)
+        packed = shared and len(ctx) >= longest[tuple(ctx)]
+        key = (tuple(ctx),) if packed else (tuple(ctx), segment)
         _, offsets, members = groups.setdefault(key, (ctx, {}, []))
         if segment and segment not in offsets:
             offsets[segment] = sum(map(len, offsets))

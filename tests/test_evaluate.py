@@ -98,9 +98,10 @@ def test_plan_batches_shares_one_token_answers_and_pads_on_the_left(tiny):
 
 def test_choices_of_one_context_are_packed_into_one_row(tiny):
     model, tokenizer = tiny
-    requests = [("Q: big?", " yes indeed"), ("Q: big?", " no"), ("Q: big?", " maybe so")]
+    context = "Question: is it big?"
+    requests = [(context, " yes indeed"), (context, " no"), (context, " maybe so")]
     (ids, mask, positions, keep, rows, tokens), = ev.plan_batches(model, tokenizer, requests, 8)
-    n_ctx = len("Q: big?")  # one token per byte
+    n_ctx = len(context)  # one token per byte
     segments = [len(c) - 1 for _, c in requests]  # each continuation but its last token
     assert ids.shape == (1, n_ctx + sum(segments)) and tokens == ids.numel()
     # positions restart where the context ends for every continuation
@@ -121,6 +122,7 @@ def test_choices_of_one_context_are_packed_into_one_row(tiny):
 
 def test_packed_rows_score_as_one_row_per_request_on_every_architecture():
     import transformers as T
+
     from tiny import ARCHITECTURES, tiny_config
 
     tokenizer = byte_tokenizer()
@@ -143,6 +145,15 @@ def test_packed_rows_score_as_one_row_per_request_on_every_architecture():
         masks = [b.attention_mask for b in ev.plan_batches(model, tokenizer, requests, 4)]
         assert any(m is not None and m.dim() == 4 for m in masks) == (name != "falcon_alibi"), \
             name
+
+
+def test_a_context_shorter_than_a_continuation_is_not_packed(tiny):
+    model, tokenizer = tiny
+    requests = [("Goal:", " pour the water slowly"), ("Goal:", " pour it")]
+    assert sum(len(b.rows) for b in ev.plan_batches(model, tokenizer, requests, 8)) == 2
+    context = "Goal: make tea in a pot"
+    requests = [(context, " pour the water"), (context, " pour it")]
+    assert sum(len(b.rows) for b in ev.plan_batches(model, tokenizer, requests, 8)) == 1
 
 
 def test_a_sliding_window_shorter_than_the_request_keeps_rows_apart(tiny):

@@ -39,7 +39,7 @@ def test_replay_works_for_padded_multiple_choice_batches():
     model.resize_token_embeddings(len(tok))
     # two contexts with two continuations each: packed rows with a 4-D mask are replayed too
     requests = [("The cat", " sat"), ("A much longer context here", " on the mat"),
-                ("x", " y z"), ("Hello", " world"), ("The cat", " ran off"), ("x", " w")]
+                ("x", " y z"), ("Hello", " world"), ("The cat sat on", " the mat"), ("The cat sat on", " a rug")]
     prefix = SharedPrefix(model, [2])
     with prefix.recording():
         loglikelihoods(model, tok, requests, batch_size=2, progress=False)
