@@ -333,12 +333,12 @@ def plan_batches(model, tokenizer, requests, batch_size: int,
     ``share_context`` (the default), the requests that share a context at least as long
     as their longest continuation, such as the choices of one HellaSwag or ARC item,
     share one row: the context once, then each continuation but its last token, packed
-    one after another. A 4-D attention mask lets
-    each continuation see the context and itself, never another continuation, and its
-    position ids restart where the context ends, so every score equals the one its own
-    row would give, up to rounding; the row costs ``|context| + Σ(|continuation| - 1)``
-    tokens instead of ``Σ(|context| + |continuation| - 1)``. One-token answers with the
-    same context (MMLU's letters, BoolQ's yes/no) always share a row.
+    one after another. A 4-D attention mask lets each continuation see the context and
+    itself, never another continuation, and its position ids restart where the context
+    ends, so every score equals the one its own row would give, up to rounding; the row
+    costs ``|context| + Σ(|continuation| - 1)`` tokens instead of
+    ``Σ(|context| + |continuation| - 1)``. One-token answers with the same context
+    (MMLU's letters, BoolQ's yes/no) always share a row.
 
     Rows are sorted longest first, so each batch holds similar lengths and little
     padding, and an out-of-memory error shows up in the first batch. Inputs longer than
