@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .costs import synchronize
 from .data import Item, adds_bos, load_benchmark, load_text, token_windows
-from .inputs import check_token_ids, input_device, max_positions, vocab_rows
+from .inputs import check_token_ids, input_device, max_positions, text_config, vocab_rows
 
 __all__ = [
     "DEFAULT_SUITE",
@@ -295,15 +295,10 @@ class Batch(NamedTuple):
     tokens: int
 
 
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _packs_rows(model) -> bool:
     """Whether a packed row scores as its requests would alone: not with ALiBi (Falcon,
     BLOOM, MPT), whose position bias is built from a 2-D mask rather than position ids."""
-    config = _text_config(model)
+    config = text_config(model)
     return not (getattr(config, "alibi", False) or config.model_type in ("bloom", "mpt"))
 
 
@@ -348,7 +343,7 @@ def plan_batches(model, tokenizer, requests, batch_size: int,
     from ALiBi.
     """
     max_pos = max_positions(model)
-    window = getattr(_text_config(model), "sliding_window", None)
+    window = getattr(text_config(model), "sliding_window", None)
     share_context = share_context and _packs_rows(model)
     encoded = []
     for i, (ctx, cont) in enumerate(_encode_requests(tokenizer, requests)):

@@ -35,6 +35,7 @@ __all__ = [
     "iter_batches",
     "max_positions",
     "model_inputs",
+    "text_config",
     "vocab_rows",
 ]
 
@@ -125,11 +126,15 @@ def vocab_rows(model: nn.Module) -> int:
     return model.get_input_embeddings().num_embeddings
 
 
+def text_config(model: nn.Module):
+    """The config of the model's language part (the whole config for a text-only model)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def max_positions(model: nn.Module) -> int | None:
     """``max_position_embeddings`` of the model's text config, or None if it has none."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-        else model.config
-    return getattr(config, "max_position_embeddings", None)
+    return getattr(text_config(model), "max_position_embeddings", None)
 
 
 def check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
