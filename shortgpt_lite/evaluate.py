@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from .costs import synchronize
 from .data import Item, adds_bos, load_benchmark, load_text, token_windows
-from .inputs import check_token_ids, input_device, max_positions, text_config, vocab_rows
+from .inputs import check_token_ids, input_device, max_positions, vocab_rows
+from .layers import text_config
 
 __all__ = [
     "DEFAULT_SUITE",

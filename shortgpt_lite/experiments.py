@@ -635,8 +635,9 @@ def _compute_comparison(model, tokenizer, store, progress, **p) -> None:
 def _recheck_sizes(model, tokenizer, result: Result, calibration, columns, problems):
     """Prune the dense model and the first pruned variant again, as the run did, append to
     ``problems`` every column of ``columns`` that differs from the stored ``variants`` row,
-    and yield ``(variant, pruned copy)`` for further checks."""
+    and return their ``(variant, pruned copy)`` pairs for further checks."""
     stored = result["variants"].set_index("variant")
+    copies = []
     for name in ["dense"] + [v for v in stored.index if v != "dense"][:1]:
         method, budget = stored.loc[name, "method"], float(stored.loc[name, "budget"])
         pruned, info = _prune_variant(model, tokenizer, method, budget, calibration,
@@ -646,7 +647,8 @@ def _recheck_sizes(model, tokenizer, result: Result, calibration, columns, probl
             if int(got[column]) != int(stored.loc[name, column]):
                 problems.append(f"{name}: {column} {got[column]} against stored "
                                 f"{stored.loc[name, column]}")
-        yield name, pruned
+        copies.append((name, pruned))
+    return copies
 
 
 def _check_comparison(model, tokenizer, result: Result, windows: int = 2,
@@ -720,9 +722,8 @@ def _check_costs(model, tokenizer, result: Result) -> list[str]:
     p, problems = result.params, []
     stored = result["variants"].set_index("variant")
     columns = ("layers", "params_total", "params_nonzero", "file_bytes")
-    for _ in _recheck_sizes(model, tokenizer, result, _calibration_windows(tokenizer, p),
-                            columns, problems):
-        pass
+    _recheck_sizes(model, tokenizer, result, _calibration_windows(tokenizer, p), columns,
+                   problems)
     timings = result["timings"]
     counts = timings.groupby("variant").size()
     if set(counts.index) != set(stored.index) or not (counts == p["repeats"]).all():

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .layers import unwrap_model
+from .layers import text_config, unwrap_model
 
 __all__ = [
     "cache_keyword",
@@ -35,7 +35,6 @@ __all__ = [
     "iter_batches",
     "max_positions",
     "model_inputs",
-    "text_config",
     "vocab_rows",
 ]
 
@@ -124,12 +123,6 @@ def input_device(model: nn.Module) -> torch.device:
 def vocab_rows(model: nn.Module) -> int:
     """Rows of the input embedding: every token id must be below this."""
     return model.get_input_embeddings().num_embeddings
-
-
-def text_config(model: nn.Module):
-    """The config of the model's language part (the whole config for a text-only model)."""
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def max_positions(model: nn.Module) -> int | None:

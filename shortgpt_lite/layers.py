@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from torch import nn
 
 __all__ = ["decoder_layers", "decoder_layers_path", "num_layers", "replaced_forward",
-           "stop_after", "unwrap_model"]
+           "stop_after", "text_config", "unwrap_model"]
 
 # Where known architectures keep their blocks, most common first.
 _KNOWN_PATHS = (
@@ -51,13 +51,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def text_config(model: nn.Module):
+    """The config of the model's language part (the whole config for a text-only model),
+    or None if the model has no config."""
+    config = getattr(unwrap_model(model), "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def num_layers(model: nn.Module) -> int | None:
     """``num_hidden_layers`` of the model's text config, or None if it has no config."""
-    config = getattr(unwrap_model(model), "config", None)
-    if config is None:
-        return None
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
+    config = text_config(model)
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
         value = getattr(config, name, None)
         if isinstance(value, int):
