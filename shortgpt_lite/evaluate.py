@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import numpy as np
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 from .costs import synchronize
 from .data import Item, adds_bos, load_benchmark, load_text, token_windows
 from .inputs import check_token_ids, input_device, max_positions, vocab_rows
-from .layers import text_config
+from .layers import replaced_forward, text_config, unwrap_model
 
 __all__ = [
     "DEFAULT_SUITE",
@@ -433,8 +434,40 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
     return _loglikelihoods(model, tokenizer, requests, batch_size, progress, share_context)[0]
 
 
-def _loglikelihoods(model, tokenizer, requests, batch_size, progress, share_context=True):
-    """``loglikelihoods`` plus the number of real (non-padding) tokens it ran."""
+@contextmanager
+def _head_at(model, rows: torch.Tensor, cols: torch.Tensor):
+    """Inside the ``with``, the output head sees only the hidden states at
+    ``(rows[i], cols[i])`` of its ``[batch, keep, hidden]`` input and returns
+    ``[1, len(rows), vocab]`` logits; whatever the model does to the logits afterwards
+    (Gemma's soft-capping, a logit scale) is elementwise and applies unchanged. A model
+    whose head is not a submodule it calls keeps its full logits."""
+    head = unwrap_model(model).get_output_embeddings() \
+        if hasattr(unwrap_model(model), "get_output_embeddings") else None
+    if head is None:
+        yield
+        return
+    previous = head.forward  # bound, with any forward accelerate or peft set on the module
+
+    def forward(hidden, *args, **kwargs):
+        if hidden.dim() != 3:
+            return previous(hidden, *args, **kwargs)
+        picked = hidden[rows.to(hidden.device), cols.to(hidden.device)]
+        return previous(picked[None], *args, **kwargs)
+
+    with replaced_forward(head, forward):
+        yield
+
+
+def _loglikelihoods(model, tokenizer, requests, batch_size, progress, share_context=True,
+                    head_at_scored=True):
+    """``loglikelihoods`` plus the number of real (non-padding) tokens it ran.
+
+    Rows of one batch score different numbers of final positions (``keep`` is the
+    largest), so the output head runs on each row's scored positions alone
+    (:func:`_head_at`): with a large vocabulary, the head is most of the work of
+    multiple-choice scoring. ``head_at_scored=False`` computes the logits of every kept
+    position of every row instead, for comparison.
+    """
     if len(requests) == 0:
         raise ValueError("No requests to score; pass at least one (context, continuation) pair.")
     _check_tokenizer(model, tokenizer)
@@ -444,12 +477,20 @@ def _loglikelihoods(model, tokenizer, requests, batch_size, progress, share_cont
     with torch.inference_mode():
         for batch in tqdm(batches, desc="log-likelihood", disable=not progress):
             mask, positions = batch.attention_mask, batch.position_ids
-            logits = model(batch.input_ids.to(device),
-                           attention_mask=None if mask is None else mask.to(device),
-                           position_ids=None if positions is None else positions.to(device),
-                           use_cache=False, logits_to_keep=batch.keep).logits
-            for row, (scored, members) in enumerate(batch.rows):
-                logprobs = torch.log_softmax(logits[row, batch.keep - scored:].float(), dim=-1)
+            spans = [scored for scored, _ in batch.rows]
+            rows = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor(spans))
+            cols = torch.cat([torch.arange(batch.keep - n, batch.keep) for n in spans])
+            with _head_at(model, rows, cols) if head_at_scored else nullcontext():
+                logits = model(batch.input_ids.to(device),
+                               attention_mask=None if mask is None else mask.to(device),
+                               position_ids=None if positions is None else positions.to(device),
+                               use_cache=False, logits_to_keep=batch.keep).logits
+            if logits.shape[:2] == (1, len(rows)):  # the head ran on the scored positions
+                per_row = torch.split(logits[0], spans)
+            else:
+                per_row = [logits[r, batch.keep - n:] for r, n in enumerate(spans)]
+            for (_, members), row_logits in zip(batch.rows, per_row):
+                logprobs = torch.log_softmax(row_logits.float(), dim=-1)
                 for i, cont, offset in members:
                     at = torch.tensor([0] + [offset + j for j in range(1, len(cont))],
                                       device=logprobs.device)

@@ -147,6 +147,38 @@ def test_packed_rows_score_as_one_row_per_request_on_every_architecture():
             name
 
 
+def test_the_head_runs_on_the_scored_positions_alone_on_every_architecture():
+    """The output head sees only each row's scored positions, and the scores equal those
+    from the full ``[batch, keep, vocab]`` logits (Gemma 2's soft-capping included)."""
+    import transformers as T
+
+    from tiny import ARCHITECTURES, tiny_config
+
+    tokenizer = byte_tokenizer()
+    requests = [("Question: which is longer?\nAnswer:", " a river"),
+                ("Question: which is longer?\nAnswer:", " a puddle of water"),
+                ("Hi", " there you"), ("Hi", " x"), ("A context of its own", " at all")]
+    for name in ARCHITECTURES:
+        config = tiny_config(name, 2)
+        if getattr(config, "sliding_window", None):
+            config.sliding_window = 64
+        torch.manual_seed(0)
+        model = T.AutoModelForCausalLM.from_config(config).eval()
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        batches = ev.plan_batches(model, tokenizer, requests, 4)
+        seen: list = []
+        hook = model.get_output_embeddings().register_forward_hook(
+            lambda m, args, out, seen=seen: seen.append(tuple(out.shape[:2])))
+        gathered = ev.loglikelihoods(model, tokenizer, requests, 4, progress=False)
+        hook.remove()
+        assert seen == [(1, sum(n for n, _ in b.rows)) for b in batches], name
+        assert any(len(b.rows) > 1 and len({n for n, _ in b.rows}) > 1 for b in batches)
+        full, _ = ev._loglikelihoods(model, tokenizer, requests, 4, False, head_at_scored=False)
+        np.testing.assert_allclose([s for s, _ in gathered], [s for s, _ in full], atol=1e-5,
+                                   err_msg=name)
+        assert [g for _, g in gathered] == [g for _, g in full], name
+
+
 def test_a_context_shorter_than_a_continuation_is_not_packed(tiny):
     model, tokenizer = tiny
     requests = [("Goal:", " pour the water slowly"), ("Goal:", " pour it")]

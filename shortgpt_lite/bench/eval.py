@@ -1,14 +1,15 @@
 """``eval``: the token throughput of ``perplexity`` and of multiple-choice scoring
 (``loglikelihoods``), each against bare forward passes over the very same batches, so
 the table shows what the scoring around the model costs; and the time of scoring the
-same requests with a shared context packed into one row against one row per request."""
+same requests with a shared context packed into one row against one row per request, and
+with the output head on the scored positions against the head on every kept one."""
 
 from __future__ import annotations
 
 import torch
 
 from ..data import load_benchmark
-from ..evaluate import loglikelihoods, perplexity, plan_batches
+from ..evaluate import _loglikelihoods, loglikelihoods, perplexity, plan_batches
 from ..inputs import input_device
 from ..provenance import machine
 from .common import benchmark, interleaved_times, model_and_windows, print_times
@@ -67,8 +68,11 @@ def bench_eval(args) -> None:
             model, tokenizer, requests, choice_batch, progress=False),
         "loglikelihoods(share_context=False)": lambda: loglikelihoods(
             model, tokenizer, requests, choice_batch, progress=False, share_context=False),
+        "loglikelihoods(), head at every kept position": lambda: _loglikelihoods(
+            model, tokenizer, requests, choice_batch, False, head_at_scored=False),
     }, args.repeats, device), real)
     print("tokens/s counts the real (non-padding) tokens of the packed rows for every line, so "
           "its ratios are\nratios of time. 'bare forward' is model(input_ids) on the same "
-          "batches, with logits at every\nposition; loglikelihoods() asks only for the positions "
-          "it scores.")
+          "batches, with logits at every\nposition; loglikelihoods() runs the head on the "
+          "positions each row scores, and its\n'head at every kept position' line on the last "
+          "positions of every row, as many as the\nrow that scores the most.")
