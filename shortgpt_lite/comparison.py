@@ -194,7 +194,9 @@ def prune_to_budget(model: nn.Module, method: str, budget: float, *, windows=Non
 def _measure(model, tokenizer, ppl_windows: dict, tasks, settings, progress) -> dict:
     row: dict = {}
     for corpus, windows in ppl_windows.items():
-        row[f"ppl_{corpus}"] = perplexity(model, windows, progress=False)["perplexity"]
+        ppl = perplexity(model, windows, progress=False, per_window=True)
+        row[f"ppl_{corpus}"] = ppl["perplexity"]
+        row[f"nll_{corpus}"] = ppl["nll_per_window"].tolist()
     if tasks:
         suite = evaluate_suite(model, tokenizer, tasks, seed=settings["seed"], progress=False)
         for _, r in suite.iterrows():
@@ -246,7 +248,9 @@ def compare(model: nn.Module, tokenizer, methods: Sequence[str] = tuple(METHODS)
     Columns: ``method``, ``description``, ``params_total`` (parameters present),
     ``params_kept`` (present and non-zero), ``params_removed`` (fraction of the original
     parameters removed or zeroed), ``sparsity`` (zeros among the parameters present),
-    ``ppl_<corpus>`` for each corpus, ``acc_<task>`` with its 95% Wilson interval
+    ``ppl_<corpus>`` for each corpus with ``nll_<corpus>``, the list of each window's mean
+    NLL (two rows' lists pair window by window in
+    :func:`shortgpt_lite.experiments.perplexity_ratio`), ``acc_<task>`` with its 95% Wilson interval
     ``acc_<task>_ci_low`` .. ``acc_<task>_ci_high`` and item count ``acc_<task>_n``,
     ``acc_mean`` (the unweighted mean over tasks), ``size_bytes``
     (safetensors file; ``torch.save`` for int8), ``prefill_seconds`` (a
@@ -295,7 +299,7 @@ def compare(model: nn.Module, tokenizer, methods: Sequence[str] = tuple(METHODS)
                 "decode_tokens": decode_tokens, "repeats": repeats, "seed": seed,
                 "model": getattr(model.config, "_name_or_path", type(model).__name__),
                 "model_params": param_counts(model)[0],
-                "row_format": 3}  # rows saved before the models were timed together are redone
+                "row_format": 4}  # rows saved in an older format are measured again
     folder = None if results_dir is None else Path(results_dir)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)

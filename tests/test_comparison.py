@@ -8,6 +8,7 @@ import torch
 
 import shortgpt_lite.comparison as cmp
 from shortgpt_lite.comparison import METHODS, compare, prune_to_budget
+from shortgpt_lite.experiments import perplexity_ratio
 from shortgpt_lite.wanda import prunable_parameters
 from tiny import byte_tokenizer, tiny_llama
 
@@ -40,6 +41,14 @@ def test_every_method_meets_the_budget_as_closely_as_its_granularity_allows(tiny
                    "decode_tokens_per_s", "prune_seconds", "details"):
         assert column in df.columns, column
     rows = df.set_index("method")
+    for method in ("dense", "shortgpt"):  # each window's NLL, for paired intervals
+        nll = rows.loc[method, "nll_wikipedia"]
+        assert len(nll) == SMALL["ppl_windows"]
+        assert math.exp(sum(nll) / len(nll)) == pytest.approx(rows.loc[method, "ppl_wikipedia"])
+    ratio = perplexity_ratio(rows.loc["shortgpt", "nll_wikipedia"],
+                             rows.loc["dense", "nll_wikipedia"])
+    assert ratio["ratio"] == pytest.approx(rows.loc["shortgpt", "ppl_wikipedia"]
+                                           / rows.loc["dense", "ppl_wikipedia"])
     total = sum(p.numel() for p in model.parameters())
     layer = sum(p.numel() for p in model.model.layers[0].parameters())
     neuron_row = 3 * 32 * 12  # one MLP neuron in every layer
