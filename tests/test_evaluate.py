@@ -120,15 +120,18 @@ def test_choices_of_one_context_are_packed_into_one_row(tiny):
     assert sum(b.tokens for b in unshared) == sum(n_ctx + len(c) - 1 for _, c in requests)
 
 
-def test_packed_rows_score_as_one_row_per_request_on_every_architecture():
+# Two choices after one long context (packed), two after a short one (kept apart), one alone.
+ARCH_REQUESTS = [("Question: which is longer?\nAnswer:", " a river"),
+                 ("Question: which is longer?\nAnswer:", " a puddle of water"),
+                 ("Hi", " there you"), ("Hi", " x"), ("A context of its own", " at all")]
+
+
+def _every_architecture(tokenizer):
+    """``(name, model)`` for a 2-layer random model of every architecture in tiny.py."""
     import transformers as T
 
     from tiny import ARCHITECTURES, tiny_config
 
-    tokenizer = byte_tokenizer()
-    requests = [("Question: which is longer?\nAnswer:", " a river"),
-                ("Question: which is longer?\nAnswer:", " a puddle of water"),
-                ("Hi", " there you"), ("Hi", " x"), ("A context of its own", " at all")]
     for name in ARCHITECTURES:
         config = tiny_config(name, 2)
         if getattr(config, "sliding_window", None):
@@ -136,6 +139,12 @@ def test_packed_rows_score_as_one_row_per_request_on_every_architecture():
         torch.manual_seed(0)
         model = T.AutoModelForCausalLM.from_config(config).eval()
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        yield name, model
+
+
+def test_packed_rows_score_as_one_row_per_request_on_every_architecture():
+    tokenizer, requests = byte_tokenizer(), ARCH_REQUESTS
+    for name, model in _every_architecture(tokenizer):
         packed = ev.loglikelihoods(model, tokenizer, requests, 4, progress=False)
         alone = ev.loglikelihoods(model, tokenizer, requests, 1, progress=False,
                                   share_context=False)
@@ -150,21 +159,8 @@ def test_packed_rows_score_as_one_row_per_request_on_every_architecture():
 def test_the_head_runs_on_the_scored_positions_alone_on_every_architecture():
     """The output head sees only each row's scored positions, and the scores equal those
     from the full ``[batch, keep, vocab]`` logits (Gemma 2's soft-capping included)."""
-    import transformers as T
-
-    from tiny import ARCHITECTURES, tiny_config
-
-    tokenizer = byte_tokenizer()
-    requests = [("Question: which is longer?\nAnswer:", " a river"),
-                ("Question: which is longer?\nAnswer:", " a puddle of water"),
-                ("Hi", " there you"), ("Hi", " x"), ("A context of its own", " at all")]
-    for name in ARCHITECTURES:
-        config = tiny_config(name, 2)
-        if getattr(config, "sliding_window", None):
-            config.sliding_window = 64
-        torch.manual_seed(0)
-        model = T.AutoModelForCausalLM.from_config(config).eval()
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    tokenizer, requests = byte_tokenizer(), ARCH_REQUESTS
+    for name, model in _every_architecture(tokenizer):
         batches = ev.plan_batches(model, tokenizer, requests, 4)
         seen: list = []
         hook = model.get_output_embeddings().register_forward_hook(
