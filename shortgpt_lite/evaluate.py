@@ -439,7 +439,7 @@ def _head_at(model, rows: torch.Tensor, cols: torch.Tensor):
     """Inside the ``with``, the output head sees only the hidden states at
     ``(rows[i], cols[i])`` of its ``[batch, keep, hidden]`` input and returns
     ``[1, len(rows), vocab]`` logits; whatever the model does to the logits afterwards
-    (Gemma's soft-capping, a logit scale) is elementwise and applies unchanged. A model
+    (Gemma 2's soft-capping, a logit scale) is elementwise and applies unchanged. A model
     whose head is not a submodule it calls keeps its full logits."""
     head = unwrap_model(model).get_output_embeddings() \
         if hasattr(unwrap_model(model), "get_output_embeddings") else None
