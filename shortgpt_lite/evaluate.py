@@ -416,7 +416,8 @@ def plan_batches(model, tokenizer, requests, batch_size: int,
 
 
 def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 16,
-                   progress: bool = True, share_context: bool = True) -> list[tuple[float, bool]]:
+                   progress: bool = True, share_context: bool = True,
+                   head_at_scored: bool = True) -> list[tuple[float, bool]]:
     """``(log p(continuation | context), is_greedy)`` for each ``(context, continuation)``.
 
     The score is the sum of the continuation tokens' log-probabilities,
@@ -427,11 +428,13 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
     lm-evaluation-harness's ``loglikelihood``. Batches are left-padded with an attention
     mask and position ids that start at each row's first real token, so padding does not
     change a score. Requests that share a context share one row (see
-    :func:`plan_batches`; ``share_context=False`` gives each its own). The model computes
-    logits only for the positions that are scored, and log-softmax runs in fp32 over
-    those positions alone.
+    :func:`plan_batches`; ``share_context=False`` gives each its own). The output head
+    runs only on the positions each row scores (``head_at_scored=False``: on as many final
+    positions of every row as the row that scores the most, which the eval benchmark
+    times against it), and log-softmax runs in fp32 over those positions alone.
     """
-    return _loglikelihoods(model, tokenizer, requests, batch_size, progress, share_context)[0]
+    return _loglikelihoods(model, tokenizer, requests, batch_size, progress, share_context,
+                           head_at_scored)[0]
 
 
 @contextmanager

@@ -169,7 +169,8 @@ def test_the_head_runs_on_the_scored_positions_alone_on_every_architecture():
         hook.remove()
         assert seen == [(1, sum(n for n, _ in b.rows)) for b in batches], name
         assert any(len(b.rows) > 1 and len({n for n, _ in b.rows}) > 1 for b in batches)
-        full, _ = ev._loglikelihoods(model, tokenizer, requests, 4, False, head_at_scored=False)
+        full = ev.loglikelihoods(model, tokenizer, requests, 4, progress=False,
+                                 head_at_scored=False)
         np.testing.assert_allclose([s for s, _ in gathered], [s for s, _ in full], atol=1e-5,
                                    err_msg=name)
         assert [g for _, g in gathered] == [g for _, g in full], name

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..data import load_benchmark
-from ..evaluate import _loglikelihoods, loglikelihoods, perplexity, plan_batches
+from ..evaluate import loglikelihoods, perplexity, plan_batches
 from ..inputs import input_device
 from ..provenance import machine
 from .common import benchmark, interleaved_times, model_and_windows, print_times
@@ -68,8 +68,8 @@ def bench_eval(args) -> None:
             model, tokenizer, requests, choice_batch, progress=False),
         "loglikelihoods(share_context=False)": lambda: loglikelihoods(
             model, tokenizer, requests, choice_batch, progress=False, share_context=False),
-        "loglikelihoods(), head at every kept position": lambda: _loglikelihoods(
-            model, tokenizer, requests, choice_batch, False, head_at_scored=False),
+        "loglikelihoods(), head at every kept position": lambda: loglikelihoods(
+            model, tokenizer, requests, choice_batch, progress=False, head_at_scored=False),
     }, args.repeats, device), real)
     print("tokens/s counts the real (non-padding) tokens of the packed rows for every line, so "
           "its ratios are\nratios of time. 'bare forward' is model(input_ids) on the same "
