@@ -444,8 +444,8 @@ def _head_at(model, rows: torch.Tensor, cols: torch.Tensor):
     ``[1, len(rows), vocab]`` logits; whatever the model does to the logits afterwards
     (Gemma 2's soft-capping, a logit scale) is elementwise and applies unchanged. A model
     whose head is not a submodule it calls keeps its full logits."""
-    head = unwrap_model(model).get_output_embeddings() \
-        if hasattr(unwrap_model(model), "get_output_embeddings") else None
+    inner = unwrap_model(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if head is None:
         yield
         return
