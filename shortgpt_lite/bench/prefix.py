@@ -1,5 +1,6 @@
-"""``prefix``: a sweep of removal plans measured from the shared prefix
-(:class:`shortgpt_lite.prefix.SharedPrefix`) against the same plans measured on pruned
+"""``prefix``: a sweep of removal plans measured from the shared prefixes, each plan
+starting from the deepest state it shares with the unpruned model or an earlier plan
+(:class:`shortgpt_lite.prefix.SharedPrefix`), against the same plans measured on pruned
 copies, each running every block it keeps. Both sides compute the same perplexities;
 the table shows what recording the shared states once saves."""
 
@@ -11,7 +12,7 @@ from ..evaluate import perplexity
 from ..importance import layer_importance, layers_to_remove
 from ..inputs import input_device
 from ..layers import decoder_layers
-from ..prefix import SharedPrefix, first_removed
+from ..prefix import SharedPrefix, first_removed, sweep_order
 from ..provenance import machine
 from ..removal import remove_layers
 from .common import benchmark, interleaved_times, model_and_windows, print_times
@@ -33,14 +34,15 @@ def bench_prefix(args) -> None:
                                         progress=False)["nll"] for p in plans]
 
     def shared():
-        prefix = SharedPrefix(model, first_removed(plans))
+        order, starts = sweep_order(plans)
+        prefix = SharedPrefix(model, starts)
         with prefix.recording():
             perplexity(model, windows, batch, progress=False)
-        out = []
-        for p in plans:
-            with prefix.removed(p):
-                out.append(perplexity(model, windows, batch, progress=False)["nll"])
-        results["shared"] = out
+        nll = {}
+        for p in order:
+            with prefix.removed(p, record=True):
+                nll[tuple(p)] = perplexity(model, windows, batch, progress=False)["nll"]
+        results["shared"] = [nll[tuple(sorted(p))] for p in plans]
 
     print(f"machine: {machine()}")
     print(f"model: {args.model}, {model.dtype}, on {device}; {len(plans)} Block Influence plans "
