@@ -52,7 +52,7 @@ from .hooks import layer_statistics
 from .importance import layer_importance, layers_to_remove
 from .layers import decoder_layers
 from .models import cache_dir, load_model, pick_device
-from .prefix import SharedPrefix, first_removed
+from .prefix import SharedPrefix, sweep_order
 from .provenance import environment
 from .removal import remove_layers
 
@@ -199,9 +199,9 @@ def removal_curve(model: nn.Module, tokenizer, scores, ks, *, windows=None, item
     * with ``prompt``: the greedy continuation (``max_new_tokens``), column ``generation``,
       from a pruned copy made with :func:`remove_layers`.
 
-    Perplexity and accuracy need no copy: each plan starts from the hidden state its kept
-    prefix of blocks shares with the unpruned model (:class:`shortgpt_lite.prefix.SharedPrefix`),
-    recorded in one unpruned pass per call.
+    Perplexity and accuracy need no copy: each plan starts from the deepest hidden state
+    its kept prefix of blocks shares with the unpruned model or with a plan measured before
+    it (:class:`shortgpt_lite.prefix.SharedPrefix`).
 
     ``cache`` (a dict, filled in place) maps ``frozenset(removed layers)`` to the
     measurements, so several metrics whose plans coincide (they often share the first
@@ -338,6 +338,13 @@ def _accuracy_ks(n_layers: int, max_remove: int) -> list[int]:
     return sorted({0, min(max_remove, round(PAPER_SHARE * n_layers)), max_remove})
 
 
+def _accuracy_orderings(orderings, accuracy_seeds: int | None) -> list[str]:
+    """The orderings whose plans are scored on the items too: all of them but the random
+    seeds from ``accuracy_seeds`` on (``None``: every seed)."""
+    return [o for o in orderings if accuracy_seeds is None or not o.startswith("random:")
+            or int(o.partition(":")[2]) < accuracy_seeds]
+
+
 def _benchmark_items(p) -> tuple[list, list]:
     """``n_items`` seeded items of each of ``tasks``, and the task of each."""
     items, tasks = [], []
@@ -372,19 +379,20 @@ def _item_rows(model, tokenizer, items, tasks, removed, batch_size) -> pd.DataFr
 
 
 def _measure_plans(model, plans, measure, done=frozenset()):
-    """Yield ``(plan text, rows)`` for the unpruned model and every plan not in ``done``,
-    each plan starting from the hidden state its kept prefix of blocks shares with the
-    unpruned model (measured first, to record it)."""
-    todo = [p for p in plans if p and _plan_text(p) not in done]
+    """Yield ``(plan text, rows)`` for the unpruned model and every plan not in ``done``.
+    The unpruned model goes first, to record the states the plans start from; the plans
+    follow in :func:`shortgpt_lite.prefix.sweep_order`, each starting from the deepest
+    state it shares with the unpruned model or with a plan measured before it."""
+    todo, starts = sweep_order(p for p in plans if p and _plan_text(p) not in done)
     if not todo and "" in done:
         return
-    prefix = SharedPrefix(model, first_removed(todo))
+    prefix = SharedPrefix(model, starts)
     with prefix.recording():
         rows = measure(model, "")
     if "" not in done:
         yield "", rows
     for plan in todo:
-        with prefix.removed(plan):
+        with prefix.removed(plan, record=True):
             rows = measure(model, _plan_text(plan))
         yield _plan_text(plan), rows
 
@@ -406,7 +414,9 @@ def _compute_removal(model, tokenizer, store, progress, **p) -> None:
         store.append("plans", plans)
     acc_ks = _accuracy_ks(n, max_remove)
     distinct = list(dict.fromkeys(plans["removed"]))
-    acc_plans = list(dict.fromkeys(plans[plans["k"].isin(acc_ks)]["removed"]))
+    scored = plans["k"].isin(acc_ks) & plans["ordering"].isin(
+        _accuracy_orderings(orderings, p["accuracy_seeds"]))
+    acc_plans = list(dict.fromkeys(plans[scored]["removed"]))
     done = len(store.done("ppl") & set(distinct)) + len(store.done("items") & set(acc_plans))
     bar = tqdm(total=len(distinct) + len(acc_plans), initial=done, unit="model",
                desc="pruned models measured", disable=not progress)
@@ -486,11 +496,11 @@ EXPERIMENTS["removal"] = Experiment(
     "removal",
     "Removal curves: plans of every importance metric for k = 0 .. max_remove, perplexity "
     "per evaluation window for every plan, per-item accuracy at k = 0, the paper's share "
-    "(9/32 of the layers) and max_remove",
+    "(9/32 of the layers) and max_remove (for random, of the first accuracy_seeds seeds)",
     _compute_removal, _check_removal,
     defaults={"corpus": "wikipedia", "seq_len": 256, "calibration_windows": 32,
               "eval_windows": 64, "metrics": REMOVAL_METRICS, "random_seeds": 5,
-              "max_remove": None, "tasks": ["piqa", "hellaswag", "winogrande", "arc_easy"],
+              "accuracy_seeds": None, "max_remove": None, "tasks": ["piqa", "hellaswag", "winogrande", "arc_easy"],
               "n_items": 200, "item_seed": 0, "batch_size": 16},
     tables=("scores", "plans", "ppl", "items"))
 
@@ -756,18 +766,22 @@ EXPERIMENTS["costs"] = Experiment(
 # The runs stored in results/, regenerated by `make results` within 90 minutes on two CPU
 # cores. Both removal runs stop at the paper's share of the depth (9/32: 8 of SmolLM2's 30
 # blocks, 5 of Gemma's 18), so accuracy is measured at k = 0 and at that share. SmolLM2's
-# run has every metric and three random seeds. Gemma's has fewer variants: its 262k-token
+# run has every metric but `sequential`, whose plans share no block with any other and
+# cost a full pass each (chapter 03 shows it live), and five random seeds for the band,
+# the first three of them also on the items. Gemma's has fewer variants: its 262k-token
 # vocabulary makes every evaluation several times SmolLM2's, so it keeps the four
 # data-driven metrics whose scores cost one pass (no skip-one perplexity, no Taylor) and
-# `reverse` as the data-free control whose plans share the longest prefix. Evaluation text
-# and items are the same size for both. The comparison and its costs are stored for
-# SmolLM2, the book's default model; a chapter run on Gemma computes them on first use.
+# no data-free control. Evaluation text and items are the same size for both. The
+# comparison and its costs are stored for SmolLM2, the book's default model; a chapter run
+# on Gemma computes them on first use.
 STANDARD: dict[str, dict[str, dict]] = {
-    "smollm2-135m": {"block_influence": {}, "removal": {"max_remove": 8, "random_seeds": 3},
+    "smollm2-135m": {"block_influence": {},
+                     "removal": {"max_remove": 8, "accuracy_seeds": 3,
+                                 "metrics": [m for m in REMOVAL_METRICS if m != "sequential"]},
                      "comparison": {}, "costs": {}},
     "gemma3-270m": {"block_influence": {},
                     "removal": {"max_remove": 5, "metrics": ["bi", "angular", "gromov",
-                                                             "relative_magnitude", "reverse"]}},
+                                                             "relative_magnitude"]}},
 }
 
 
