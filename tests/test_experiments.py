@@ -58,6 +58,21 @@ def test_a_run_stores_rows_per_window_and_item_with_provenance(tiny, isolated):
     assert r.caption.startswith("Reference run: `shortgpt-lite experiment removal --model tiny")
 
 
+def test_accuracy_seeds_scores_the_items_for_the_first_seeds_only(tiny, isolated):
+    r = small_run(tiny, isolated / "stored", metrics=["bi", "random"], random_seeds=3,
+                  accuracy_seeds=1)
+    plans = r["plans"]
+    at = plans[plans["k"] == 2].set_index("ordering")["removed"]
+    assert set(plans["ordering"]) == {"bi", "random:0", "random:1", "random:2"}
+    # every seed's plans have perplexity; only random:0's and bi's have items
+    assert set(r["ppl"]["removed"]) == set(plans["removed"])
+    scored = set(r["items"]["removed"])
+    assert {at["bi"], at["random:0"]} <= scored
+    assert not ({at["random:1"], at["random:2"]} - {at["bi"], at["random:0"]}) & scored
+    pruned = set(sgl.accuracy_table(r).query("k > 0")["ordering"])  # k = 0 is shared by all
+    assert "random:0" in pruned and "random:1" not in pruned
+
+
 def test_gromov_removes_one_contiguous_run_at_the_smallest_distance():
     scores = pd.DataFrame({"ordering": "gromov", "run_length": [1, 1, 1, 2, 2],
                            "layer": [0, 1, 2, 0, 1], "score": [0.3, 0.1, 0.2, 0.4, 0.25]})
