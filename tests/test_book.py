@@ -174,8 +174,10 @@ def test_layer_removal_chapter_reruns_on_gemma_from_its_stored_run(tmp_path):
     shown = json.dumps([c.get("outputs", []) for c in cells])  # what the reader sees run
     assert "ShortGPT's share, 9 of 32, is 5 of 18" in shown
     assert "experiment removal --model gemma3-270m" in shown
-    assert "`sequential`" not in shown and "random:" not in shown  # not in Gemma's run
-    assert "`reverse` removes the last blocks" in shown
+    # Gemma's run has no data-free ordering: the prose about them is left out, and said so
+    assert "`sequential`" not in shown and "random:" not in shown and "`reverse`" not in shown
+    assert "This run has no data-free ordering to compare with." in shown
+    assert "Without block 0 alone" in shown  # the live sequential cell
     assert "smollm2-135m: area under the curve" in shown  # the other model's stored run
 
 
