@@ -191,6 +191,16 @@ class _Collector:
         elif self.pairs:
             self.pair_count += int(mask.sum())
 
+    # What begin() sets for one batch. A pass that runs every batch through one block before
+    # the next (shortgpt_lite.stream) keeps one such state per batch and swaps it in.
+    _BATCH_STATE = ("_mask", "_masks", "_states", "_last", "seen")
+
+    def batch_state(self) -> dict:
+        return {k: self.__dict__[k] for k in self._BATCH_STATE if k in self.__dict__}
+
+    def resume_batch(self, state: dict) -> None:
+        self.__dict__.update(state)
+
     def _mask_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._masks:
             self._masks[device] = self._mask.to(device)
@@ -241,6 +251,31 @@ class _Collector:
 
         return on_forward
 
+    _SUMS = ("bi_sum", "rm_sum", "sim_sum", "ang_sum", "norm_sum", "update_sum")
+
+    def all_reduce(self) -> None:
+        """Sum the token counts and every statistic's sum over the ranks of
+        torch.distributed's default group (each rank having seen its own share of the
+        data), so that ``finish`` gives every rank the statistics of all of it."""
+        import torch.distributed as dist
+
+        keys = [(name, key) for name in self._SUMS for key in sorted(getattr(self, name))]
+        values = [float(getattr(self, name)[key]) for name, key in keys]
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        packed = torch.tensor([float(self.tokens), float(self.pair_count)] + values,
+                              dtype=torch.float64, device=device)
+        low = torch.tensor([packed.numel()], device=device)
+        high = low.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if int(low) != int(high):  # every rank sees this, so every rank raises
+            raise RuntimeError("The ranks measured different statistics: every rank must run "
+                               "the same options on a model with the same layers.")
+        dist.all_reduce(packed)
+        self.tokens, self.pair_count = int(packed[0]), int(packed[1])
+        for (name, key), value in zip(keys, packed[2:].tolist()):
+            getattr(self, name)[key] = torch.tensor(value, dtype=torch.float32)
+
     def finish(self) -> LayerStatistics:
         if self.tokens == 0:
             raise ValueError("The calibration data has no non-padding tokens.")
@@ -272,10 +307,48 @@ class _Collector:
         return stats
 
 
-def layer_statistics(model: nn.Module, data, *, batch_size: int = 8,
+def _collector(n: int, relative_magnitude: bool, similarity: bool, angular: int,
+               pair_tokens: str, norms: bool) -> _Collector:
+    if not isinstance(angular, int) or isinstance(angular, bool) or not 0 <= angular <= n:
+        raise ValueError(f"angular is the largest block size n to measure, an integer from 0 to "
+                         f"the number of layers ({n}); got {angular!r}.")
+    if pair_tokens not in ("all", "last"):
+        raise ValueError(f"pair_tokens must be 'all' or 'last', got {pair_tokens!r}.")
+    return _Collector(n, relative_magnitude, similarity, angular, pair_tokens, norms)
+
+
+def _resolve(model, stream: bool, device="auto", dtype=None):
+    """``model`` as the pass needs it: a name or folder stays one for a streamed pass and
+    is loaded (on ``device``, in ``dtype``) otherwise; a loaded model cannot be streamed."""
+    if isinstance(model, nn.Module):
+        if stream:
+            raise ValueError("stream=True reads the model from disk one block at a time: pass "
+                             "its folder, hub id or bundled name, not a loaded model.")
+        return model
+    if stream:
+        return model
+    from transformers import AutoModelForCausalLM
+
+    from .models import (
+        BUNDLED_MODELS,
+        _bundled_folder,
+        pick_device,
+        quiet_transformers,
+        resolve_dtype,
+    )
+
+    name, dev = str(model), pick_device(device)
+    source = _bundled_folder(BUNDLED_MODELS[name]) if name in BUNDLED_MODELS else name
+    with quiet_transformers():
+        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, dev))
+    return loaded.to(dev).eval()
+
+
+def layer_statistics(model, data, *, batch_size: int = 8,
                      relative_magnitude: bool = False, similarity: bool = False,
                      angular: int = 0, pair_tokens: str = "all", norms: bool = False,
-                     progress: bool = True) -> LayerStatistics:
+                     stream: bool = False, resume_dir=None, distributed: bool = False,
+                     device="auto", dtype=None, progress: bool = True) -> LayerStatistics:
     """Every per-layer statistic this library uses, from a single hooked forward pass.
 
     Always measures Block Influence; ``relative_magnitude=True`` adds ‖f(x)‖/‖x+f(x)‖,
@@ -284,18 +357,36 @@ def layer_statistics(model: nn.Module, data, *, batch_size: int = 8,
     ``pair_tokens`` (``"all"`` or ``"last"``) picks the tokens the pairwise statistics
     average over. ``norms=True`` adds the mean norm ``E_t‖x_i‖`` of every state of the
     stream (``state_norm``, L+1 entries, the last one the last block's own output) and the
-    relative size of each block's update ``E_t[‖f_i(x_i)‖ / ‖x_i‖]`` (``update_ratio``). The formulas are the kernels at the top of this module. ``data`` is
-    anything :func:`shortgpt_lite.inputs.iter_batches` accepts. The model runs in eval
-    mode without gradients and is returned to its previous mode afterwards.
+    relative size of each block's update ``E_t[‖f_i(x_i)‖ / ‖x_i‖]`` (``update_ratio``).
+    The formulas are the kernels at the top of this module. ``data`` is anything
+    :func:`shortgpt_lite.inputs.iter_batches` accepts. The model runs in eval mode without
+    gradients and is returned to its previous mode afterwards.
+
+    ``model`` is a loaded model, or a model folder, hub id or bundled model's name, loaded
+    on ``device`` in ``dtype`` (see :func:`shortgpt_lite.models.load_model`). With
+    ``stream=True`` the latter is never loaded whole: each decoder block is read from the
+    safetensors shards, run on every batch and freed
+    (:func:`shortgpt_lite.stream.streamed_layer_statistics`, which also takes
+    ``resume_dir`` to survive an interruption).
+
+    ``distributed=True`` is for data-parallel scoring under ``torchrun``: each rank passes
+    its own share of the calibration data, and the per-layer sums are all-reduced over
+    torch.distributed's default group, so every rank returns the statistics of all of it.
     """
+    model = _resolve(model, stream, device, dtype)
+    if stream:
+        from .stream import streamed_layer_statistics
+
+        return streamed_layer_statistics(
+            model, data, batch_size=batch_size, relative_magnitude=relative_magnitude,
+            similarity=similarity, angular=angular, pair_tokens=pair_tokens, norms=norms,
+            resume_dir=resume_dir, distributed=distributed, device=device, dtype=dtype,
+            progress=progress)
+    if resume_dir is not None:
+        raise ValueError("resume_dir keeps the state of a streamed pass: use it with stream=True.")
     layers = decoder_layers(model)
     n = len(layers)
-    if not isinstance(angular, int) or isinstance(angular, bool) or not 0 <= angular <= n:
-        raise ValueError(f"angular is the largest block size n to measure, an integer from 0 to "
-                         f"the number of layers ({n}); got {angular!r}.")
-    if pair_tokens not in ("all", "last"):
-        raise ValueError(f"pair_tokens must be 'all' or 'last', got {pair_tokens!r}.")
-    collector = _Collector(n, relative_magnitude, similarity, angular, pair_tokens, norms)
+    collector = _collector(n, relative_magnitude, similarity, angular, pair_tokens, norms)
     handles = [layer.register_forward_hook(collector.hook(i), with_kwargs=True)
                for i, layer in enumerate(layers)]
     was_training = model.training
@@ -318,10 +409,13 @@ def layer_statistics(model: nn.Module, data, *, batch_size: int = 8,
         for h in handles:
             h.remove()
         model.train(was_training)
+    if distributed:
+        collector.all_reduce()
     return collector.finish()
 
 
-def block_influence(model: nn.Module, data, *, batch_size: int = 8,
+def block_influence(model, data, *, batch_size: int = 8, stream: bool = False,
+                    resume_dir=None, distributed: bool = False,
                     progress: bool = True) -> torch.Tensor:
     """ShortGPT's Block Influence of every decoder layer, ``Tensor[L]`` (fp32, CPU).
 
@@ -329,9 +423,12 @@ def block_influence(model: nn.Module, data, *, batch_size: int = 8,
     (Men et al. 2024). Lower means the layer changes its input less: delete it
     first. ``data`` is a LongTensor of token windows ``[n, seq_len]`` or an iterable of
     batches with attention masks (see :func:`shortgpt_lite.inputs.iter_batches`). One
-    forward pass, stopped after the last layer; memory overhead O(L).
+    forward pass, stopped after the last layer; memory overhead O(L). ``stream``,
+    ``resume_dir`` and ``distributed``: see :func:`layer_statistics`.
     """
-    return layer_statistics(model, data, batch_size=batch_size, progress=progress).block_influence
+    return layer_statistics(model, data, batch_size=batch_size, stream=stream,
+                            resume_dir=resume_dir, distributed=distributed,
+                            progress=progress).block_influence
 
 
 def layer_similarity(model: nn.Module, data, *, batch_size: int = 8, tokens: str = "all",

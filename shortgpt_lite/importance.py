@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .evaluate import token_nll
-from .hooks import layer_statistics
+from .hooks import _resolve, layer_statistics
 from .inputs import iter_batches, model_inputs
 from .layers import decoder_layers, replaced_forward
 from .prefix import SharedPrefix
@@ -55,9 +55,11 @@ _PREFIX_BYTES = 4 * 2**30
 _NEEDS_DATA = {"bi", "angular", "relative_magnitude", "ppl", "taylor"}
 
 
-def layer_importance(model: nn.Module, data=None, metric: str = "bi", *, batch_size: int = 8,
+def layer_importance(model, data=None, metric: str = "bi", *, batch_size: int = 8,
                      progress: bool = True, seed: int = 0, tokens: str = "last",
-                     share_prefix: bool = True) -> torch.Tensor:
+                     share_prefix: bool = True, stream: bool = False,
+                     resume_dir=None, distributed: bool = False, device="auto",
+                     dtype=None) -> torch.Tensor:
     """One fp32 score per decoder layer (``Tensor[L]`` on the CPU); lower = remove first.
 
     ``metric`` is one of :data:`METRICS`. ``data`` (token windows or batches, see
@@ -70,22 +72,40 @@ def layer_importance(model: nn.Module, data=None, metric: str = "bi", *, batch_s
     Cost: ``bi``, ``angular`` and ``relative_magnitude`` take one forward pass that stops
     after the last layer; ``ppl`` takes L full forward passes; ``taylor`` one forward and
     backward pass per batch.
+
+    ``model`` may also be a model folder, hub id or bundled name (loaded on ``device`` in
+    ``dtype``). ``stream=True`` scores it
+    one block at a time without loading it whole (``resume_dir`` keeps the state after
+    each block): see :mod:`shortgpt_lite.stream`. ``ppl`` and ``taylor`` cannot stream.
+    ``distributed=True`` all-reduces the one-pass metrics over the ranks of a ``torchrun``,
+    each rank holding its own share of the data (:func:`layer_statistics`).
     """
     if metric not in METRICS:
         raise ValueError(f"Unknown metric {metric!r}. Choose one of: {', '.join(METRICS)}.")
-    n = len(decoder_layers(model))
+    if stream:
+        from .checkpoint import empty_model, model_folder
+        from .stream import check_streamable
+
+        check_streamable(metric)
+        n = len(decoder_layers(empty_model(model_folder(_resolve(model, stream)))))
+    else:
+        model = _resolve(model, stream, device, dtype)
+        n = len(decoder_layers(model))
     if metric in _NEEDS_DATA and data is None:
         raise ValueError(f"The {metric!r} metric needs calibration data: pass token windows "
                          "from token_windows(...) as data.")
+    if distributed and metric in ("ppl", "taylor"):
+        raise ValueError(f"The {metric!r} metric is not computed data-parallel; run it in one "
+                         "process, or use bi, angular or relative_magnitude.")
+    stats = dict(batch_size=batch_size, progress=progress, stream=stream, resume_dir=resume_dir,
+                 distributed=distributed, device=device, dtype=dtype)
     if metric == "bi":
-        return layer_statistics(model, data, batch_size=batch_size,
-                                progress=progress).block_influence
+        return layer_statistics(model, data, **stats).block_influence
     if metric == "angular":
-        return layer_statistics(model, data, batch_size=batch_size, angular=1, pair_tokens=tokens,
-                                progress=progress).angular_distance[0]
+        return layer_statistics(model, data, angular=1, pair_tokens=tokens,
+                                **stats).angular_distance[0]
     if metric == "relative_magnitude":
-        return layer_statistics(model, data, batch_size=batch_size, relative_magnitude=True,
-                                progress=progress).relative_magnitude
+        return layer_statistics(model, data, relative_magnitude=True, **stats).relative_magnitude
     if metric == "sequential":
         return torch.arange(n, dtype=torch.float32)
     if metric == "reverse":
