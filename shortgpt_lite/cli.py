@@ -2,14 +2,23 @@
 version of an exercise notebook.
 
     shortgpt-lite score --model smollm2-135m --corpus wikipedia --tokens 32768 [--metric bi] [--json FILE]
-    shortgpt-lite prune --model smollm2-135m --remove 8 [--metric bi] --out DIR
+    shortgpt-lite score --model meta-llama/Llama-2-70b-hf --stream [--resume DIR]
+    torchrun --nproc_per_node 2 -m shortgpt_lite.cli score --model smollm2-135m
+    shortgpt-lite prune --model smollm2-135m --remove 8 [--metric bi] [--stream] --out DIR
+    shortgpt-lite check pruned/ [--original smollm2-135m]
     shortgpt-lite student notebooks/08_assignments.ipynb student/08_assignments.ipynb
     shortgpt-lite experiment removal --model smollm2-135m [--max-remove 10 ...] [--out results]
     shortgpt-lite experiment all --out results
 
 ``score`` prints one line per layer: its score and the order in which the metric would
 remove it. ``prune`` removes the ``--remove`` lowest-scoring layers and writes a folder
-that plain ``AutoModelForCausalLM.from_pretrained`` loads. ``student`` replaces the
+that plain ``AutoModelForCausalLM.from_pretrained`` loads. With ``--stream`` the model is
+never in memory whole: scores come one decoder block at a time
+(:mod:`shortgpt_lite.stream`) and ``prune`` rewrites the checkpoint shard by shard
+(:func:`shortgpt_lite.checkpoint.prune_checkpoint`). Under ``torchrun`` each process
+scores its share of the windows and the sums are all-reduced. ``check`` runs the
+conformance checks of :mod:`shortgpt_lite.conformance` on a saved model, prints a table
+and exits non-zero when one fails. ``student`` replaces the
 marked solutions of an exercise notebook with stubs and strips its outputs
 (see :mod:`shortgpt_lite.course`). ``experiment`` computes a reference run with its
 provenance (:mod:`shortgpt_lite.experiments`); any parameter of the experiment can be set
@@ -44,21 +53,74 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 "
                         "(default: fp32 on CPU, bf16 on GPU)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--stream", action="store_true",
+                        help="never load the model whole: read, run and free one decoder block "
+                             "at a time (bi, angular, relative_magnitude; safetensors folders)")
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="with --stream: keep the state after every block in DIR, and "
+                             "continue an interrupted run from there")
+
+
+def _rank() -> tuple[int, int]:
+    """This process's rank and the number of processes, under torchrun (else 0 and 1);
+    the process group is started here, gloo on CPUs and nccl on GPUs."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
 
 
 def _scores(args):
+    """The model (loaded, or its folder when streamed), tokenizer, this rank's calibration
+    windows, the scores and the seconds they took."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from .checkpoint import model_folder
     from .data import load_text, token_windows
     from .importance import layer_importance
     from .models import load_model
 
     if args.tokens < args.seq_len:
         raise SystemExit(f"--tokens ({args.tokens}) must be at least --seq-len ({args.seq_len}).")
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.resume and not args.stream:
+        raise SystemExit("--resume keeps the state of a streamed run: add --stream.")
+    rank, world = _rank()
+    device = args.device
+    if world > 1 and device == "auto":
+        import torch
+
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}" if torch.cuda.is_available() else "cpu"
+    try:
+        if args.stream:
+            model = model_folder(args.model)
+            tokenizer = AutoTokenizer.from_pretrained(model)
+        else:
+            model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     windows = token_windows(tokenizer, load_text(args.corpus, "calibration"), seq_len=args.seq_len,
                             max_windows=args.tokens // args.seq_len)
+    if world > len(windows):
+        raise SystemExit(f"{world} processes but {len(windows)} calibration windows: give each "
+                         "process at least one (raise --tokens or use fewer processes).")
     t0 = time.perf_counter()
-    scores = layer_importance(model, windows, args.metric, batch_size=args.batch_size,
-                              seed=args.seed, progress=not args.no_progress)
+    try:
+        scores = layer_importance(model, windows[rank::world], args.metric,
+                                  batch_size=args.batch_size, seed=args.seed,
+                                  progress=not args.no_progress and rank == 0,
+                                  stream=args.stream, resume_dir=args.resume,
+                                  distributed=world > 1, device=device, dtype=args.dtype)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     seconds = time.perf_counter() - t0
     return model, tokenizer, windows, scores, seconds
 
@@ -81,13 +143,19 @@ def _print_table(scores, metric: str, out=None) -> None:
 
 def cmd_score(args) -> None:
     _, _, windows, scores, seconds = _scores(args)
+    rank, world = _rank()
+    if rank:
+        return  # rank 0 reports for all of them
     _print_table(scores, args.metric)
     n_tokens = windows.numel()
+    how = (" streamed block by block" if args.stream else "") + \
+        (f", data-parallel over {world} processes" if world > 1 else "")
     print(f"{args.metric} of {len(scores)} layers of {args.model} on {n_tokens} {args.corpus} "
-          f"tokens ({windows.shape[0]} windows of {windows.shape[1]}) in {seconds:.1f} s")
+          f"tokens ({windows.shape[0]} windows of {windows.shape[1]}){how} in {seconds:.1f} s")
     if args.json:
         record = {"model": args.model, "corpus": args.corpus, "metric": args.metric,
                   "tokens": n_tokens, "seq_len": args.seq_len, "seconds": round(seconds, 2),
+                  "streamed": args.stream, "processes": world,
                   "scores": [float(s) for s in scores], "removal_order": _removal_order(scores)}
         Path(args.json).write_text(json.dumps(record, indent=2))
         print(f"wrote {args.json}")
@@ -101,11 +169,20 @@ def cmd_prune(args) -> None:
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} exists and is not empty; choose a new --out folder.")
     model, tokenizer, _, scores, _ = _scores(args)
+    if _rank()[0]:
+        return
     _print_table(scores, args.metric)
     try:
         plan = layers_to_remove(scores, args.remove)
     except ValueError as err:
         raise SystemExit(str(err)) from None
+    if args.stream:  # the checkpoint is rewritten shard by shard, never loaded whole
+        from .checkpoint import prune_checkpoint
+
+        prune_checkpoint(model, plan, out, scores=scores, metric=args.metric)
+        print(f"removed layers {plan} by {args.metric}; "
+              f"{len(scores) - len(plan)} layers left; wrote {out}")
+        return
     pruned = remove_layers(model, plan, inplace=True, scores=scores, metric=args.metric)
     pruned.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -125,6 +202,25 @@ def cmd_student(args) -> None:
         raise SystemExit(str(err)) from None
     stubs = sum(1 for c in nb.cells if SOLUTION_TAG in c.metadata.get("tags", []))
     print(f"wrote {args.destination}: {stubs} solution cells replaced by stubs, outputs stripped")
+
+
+def cmd_check(args) -> None:
+    import pandas as pd
+
+    from .conformance import check_model
+
+    try:
+        table = check_model(args.folder, original=args.original, device=args.device)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    shown = table.assign(result=table["passed"].map({True: "pass", False: "FAIL", None: "skipped"}))
+    with pd.option_context("display.max_colwidth", 120, "display.width", 200):
+        print(shown[["result", "check", "detail"]].to_string(index=False))
+    failed = int((table["passed"] == False).sum())  # noqa: E712 (None is not a failure)
+    print(f"{args.folder}: {failed} of {len(table)} checks failed" if failed
+          else f"{args.folder}: every check that could run passed")
+    if failed:
+        raise SystemExit(1)
 
 
 def _experiment_params(name: str, extra: list[str]) -> dict:
@@ -195,6 +291,14 @@ def main(argv=None) -> None:
     prune.add_argument("--remove", type=int, required=True, help="how many layers to remove")
     prune.add_argument("--out", required=True, help="folder to write the pruned model into")
     prune.set_defaults(run=cmd_prune)
+
+    check = commands.add_parser("check", help="check that a pruned model on disk reloads, "
+                                "matches, caches, pads and scores as it should")
+    check.add_argument("folder", help="the model folder, as save_pretrained wrote it")
+    check.add_argument("--original", default=None, help="the unpruned model (folder, hub id or "
+                       "bundled name): rebuild the pruned one from it and compare logits")
+    check.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
+    check.set_defaults(run=cmd_check)
 
     student = commands.add_parser("student", help="write the student version of an exercise "
                                   "notebook: solutions replaced by stubs, outputs stripped")
