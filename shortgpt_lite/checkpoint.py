@@ -77,7 +77,6 @@ class Checkpoint:
                 f"{self.folder} holds no safetensors weights (neither {_SINGLE} nor {_INDEX}; "
                 f"found {found}). Streaming and prune_checkpoint read safetensors only: load the "
                 "model once and save it with save_pretrained(..., safe_serialization=True).")
-        self._open: dict[str, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -85,31 +84,28 @@ class Checkpoint:
     def shards(self) -> list[str]:
         return list(dict.fromkeys(self.weight_map.values()))
 
-    def _file(self, shard: str):
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from its shard (on the CPU, in the dtype it was saved in). The
+        shard is mapped for this read only, so the pages read stop counting as this
+        process's memory once the tensor is copied out."""
         from safetensors import safe_open
 
-        if shard not in self._open:
-            self._open[shard] = safe_open(self.folder / shard, framework="pt")
-        return self._open[shard]
-
-    def close(self) -> None:
-        """Unmap the open shards, so the pages read so far stop counting as this process's
-        memory (a streamed pass calls it after every block)."""
-        self._open.clear()
-
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor, read from its shard (on the CPU, in the dtype it was saved in)."""
         if name not in self.weight_map:
             raise KeyError(f"{self.folder} has no tensor {name!r}.")
-        return self._file(self.weight_map[name]).get_tensor(name)
+        with safe_open(self.folder / self.weight_map[name], framework="pt") as f:
+            return f.get_tensor(name)
 
     def nbytes(self, prefix: str = "") -> int:
         """Bytes on disk of the tensors whose names start with ``prefix``."""
+        from safetensors import safe_open
+
         total = 0
-        for name, shard in self.weight_map.items():
-            if name.startswith(prefix):
-                s = self._file(shard).get_slice(name)
-                total += _numel(s.get_shape()) * _itemsize(s.get_dtype())
+        for shard in self.shards():
+            with safe_open(self.folder / shard, framework="pt") as f:
+                for name in f.keys():
+                    if name.startswith(prefix) and self.weight_map.get(name) == shard:
+                        s = f.get_slice(name)
+                        total += _numel(s.get_shape()) * _itemsize(s.get_dtype())
         return total
 
     def load_into(self, module: nn.Module, prefix: str, device, dtype: torch.dtype,

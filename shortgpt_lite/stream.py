@@ -226,7 +226,6 @@ def streamed_layer_statistics(source, data, *, batch_size: int = 8,
     for name, _ in list(model.named_parameters()):  # only the blocks run from here on
         if not name.startswith(prefix):
             set_module_tensor_to_device(model, name, "meta")
-    checkpoint.close()
     tokens = sum(x.numel() for x in xs)
     kept = 1 + (n + 1 if similarity else angular) * (1 if pair_tokens == "all" else 0)
     where = _activation_device(dev, tokens * xs[0].element_size() * kept)
@@ -265,7 +264,6 @@ def streamed_layer_statistics(source, data, *, batch_size: int = 8,
             finally:
                 handle.remove()
             layer.to("meta")
-            checkpoint.close()
             if state_path is not None:
                 saved_collector = {k: v for k, v in collector.__dict__.items()
                                    if k not in collector._BATCH_STATE}
