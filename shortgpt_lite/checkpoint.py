@@ -37,20 +37,14 @@ def model_folder(source) -> Path:
     """The local folder of ``source``: a bundled model's name (its converted cache, built
     on first use), a folder written by ``save_pretrained``, or a Hugging Face hub id,
     whose config and safetensors files are downloaded (or found in the hub cache)."""
-    from .models import BUNDLED_MODELS, _bundled_folder, _looks_like_hub_id
+    from .models import model_source
 
-    name = str(source)
-    if name in BUNDLED_MODELS:
-        return _bundled_folder(BUNDLED_MODELS[name])
-    path = Path(name).expanduser()
-    if path.exists():
-        return path
-    if _looks_like_hub_id(name):
-        from huggingface_hub import snapshot_download
+    source = model_source(str(source))
+    if Path(source).exists():
+        return Path(source)
+    from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
-    raise ValueError(f"Unknown model {name!r}: use a bundled model's name, a folder written by "
-                     "save_pretrained, or a Hugging Face hub id like 'meta-llama/Llama-2-7b-hf'.")
+    return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
 
 
 class Checkpoint:
@@ -176,7 +170,7 @@ def prune_checkpoint(src, layers, out, *, scores=None, metric: str | None = None
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from .removal import _check_layers, _check_supported, _new_indices, _record, _update_config
+    from .removal import prune_config
 
     folder = model_folder(src)
     checkpoint = Checkpoint(folder)
@@ -187,18 +181,10 @@ def prune_checkpoint(src, layers, out, *, scores=None, metric: str | None = None
     if out.resolve() == folder.resolve():
         raise ValueError("out must be another folder than the source checkpoint.")
     config = AutoConfig.from_pretrained(folder)
-    text_config = config.get_text_config()
     skeleton = empty_model(folder)
     path = decoder_layers_path(skeleton) + "."
-    n = len(decoder_layers(skeleton))
-    removed = _check_layers(layers, n)
-    _check_supported(text_config)
-    if scores is not None:
-        scores = torch.as_tensor(scores).flatten().tolist()
-        if len(scores) != n:
-            raise ValueError(f"scores has {len(scores)} entries but the checkpoint has {n} "
-                             "layers; pass the per-layer scores the plan was made from.")
-    new_index = _new_indices(removed, n)
+    new_index = prune_config(config, layers, len(decoder_layers(skeleton)), scores=scores,
+                             metric=metric)
     block = re.compile(re.escape(path) + r"(\d+)\.(.*)")
 
     def renamed(name: str) -> str | None:
@@ -226,8 +212,6 @@ def prune_checkpoint(src, layers, out, *, scores=None, metric: str | None = None
         index = {"metadata": {**checkpoint.metadata, "total_size": total},
                  "weight_map": dict(sorted(weight_map.items()))}
         (out / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    _update_config(text_config, removed, n)
-    _record(config, removed, n, scores, metric)
     config.save_pretrained(out)
     for item in folder.iterdir():
         if item.is_file() and item.name not in {"config.json", _INDEX} \

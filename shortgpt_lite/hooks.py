@@ -307,7 +307,7 @@ class _Collector:
         return stats
 
 
-def _collector(n: int, relative_magnitude: bool, similarity: bool, angular: int,
+def make_collector(n: int, relative_magnitude: bool, similarity: bool, angular: int,
                pair_tokens: str, norms: bool) -> _Collector:
     if not isinstance(angular, int) or isinstance(angular, bool) or not 0 <= angular <= n:
         raise ValueError(f"angular is the largest block size n to measure, an integer from 0 to "
@@ -317,7 +317,7 @@ def _collector(n: int, relative_magnitude: bool, similarity: bool, angular: int,
     return _Collector(n, relative_magnitude, similarity, angular, pair_tokens, norms)
 
 
-def _resolve(model, stream: bool, device="auto", dtype=None):
+def resolve_model(model, stream: bool, device="auto", dtype=None):
     """``model`` as the pass needs it: a name or folder stays one for a streamed pass and
     is loaded (on ``device``, in ``dtype``) otherwise; a loaded model cannot be streamed."""
     if isinstance(model, nn.Module):
@@ -329,18 +329,12 @@ def _resolve(model, stream: bool, device="auto", dtype=None):
         return model
     from transformers import AutoModelForCausalLM
 
-    from .models import (
-        BUNDLED_MODELS,
-        _bundled_folder,
-        pick_device,
-        quiet_transformers,
-        resolve_dtype,
-    )
+    from .models import model_source, pick_device, quiet_transformers, resolve_dtype
 
-    name, dev = str(model), pick_device(device)
-    source = _bundled_folder(BUNDLED_MODELS[name]) if name in BUNDLED_MODELS else name
+    dev = pick_device(device)
     with quiet_transformers():
-        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, dev))
+        loaded = AutoModelForCausalLM.from_pretrained(model_source(str(model)),
+                                                      dtype=resolve_dtype(dtype, dev))
     return loaded.to(dev).eval()
 
 
@@ -373,7 +367,7 @@ def layer_statistics(model, data, *, batch_size: int = 8,
     its own share of the calibration data, and the per-layer sums are all-reduced over
     torch.distributed's default group, so every rank returns the statistics of all of it.
     """
-    model = _resolve(model, stream, device, dtype)
+    model = resolve_model(model, stream, device, dtype)
     if stream:
         from .stream import streamed_layer_statistics
 
@@ -386,7 +380,7 @@ def layer_statistics(model, data, *, batch_size: int = 8,
         raise ValueError("resume_dir keeps the state of a streamed pass: use it with stream=True.")
     layers = decoder_layers(model)
     n = len(layers)
-    collector = _collector(n, relative_magnitude, similarity, angular, pair_tokens, norms)
+    collector = make_collector(n, relative_magnitude, similarity, angular, pair_tokens, norms)
     handles = [layer.register_forward_hook(collector.hook(i), with_kwargs=True)
                for i, layer in enumerate(layers)]
     was_training = model.training

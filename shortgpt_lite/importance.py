@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .evaluate import token_nll
-from .hooks import _resolve, layer_statistics
+from .hooks import layer_statistics, resolve_model
 from .inputs import iter_batches, model_inputs
 from .layers import decoder_layers, replaced_forward
 from .prefix import SharedPrefix
@@ -87,9 +87,9 @@ def layer_importance(model, data=None, metric: str = "bi", *, batch_size: int = 
         from .stream import check_streamable
 
         check_streamable(metric)
-        n = len(decoder_layers(empty_model(model_folder(_resolve(model, stream)))))
+        n = len(decoder_layers(empty_model(model_folder(resolve_model(model, stream)))))
     else:
-        model = _resolve(model, stream, device, dtype)
+        model = resolve_model(model, stream, device, dtype)
         n = len(decoder_layers(model))
     if metric in _NEEDS_DATA and data is None:
         raise ValueError(f"The {metric!r} metric needs calibration data: pass token windows "

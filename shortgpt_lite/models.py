@@ -308,6 +308,21 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
 
+def model_source(name: str) -> str:
+    """What ``from_pretrained`` loads for ``name``: a bundled model's converted folder
+    (built on first use), a local folder, or a Hugging Face hub id, as given."""
+    if name in BUNDLED_MODELS:
+        return str(_bundled_folder(BUNDLED_MODELS[name]))
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    if _looks_like_hub_id(name):
+        return name
+    raise ValueError(
+        f"Unknown model {name!r}. Use a bundled model ({', '.join(sorted(BUNDLED_MODELS))}), "
+        "a local folder written by save_pretrained, or a Hugging Face hub id like "
+        "'meta-llama/Llama-2-7b-hf'.")
+
+
 def load_model(name: str = "smollm2-135m", device: str | torch.device = "auto", dtype=None,
                **from_pretrained_kwargs):
     """Load a causal LM and its tokenizer, ready for inference (``model.eval()``).
@@ -327,17 +342,7 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device = "auto", 
 
     dev = pick_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if name in BUNDLED_MODELS:
-        source = str(_bundled_folder(BUNDLED_MODELS[name]))
-    elif Path(name).expanduser().exists():
-        source = str(Path(name).expanduser())
-    elif _looks_like_hub_id(name):
-        source = name
-    else:
-        raise ValueError(
-            f"Unknown model {name!r}. Use a bundled model ({', '.join(sorted(BUNDLED_MODELS))}), "
-            "a local folder written by save_pretrained, or a Hugging Face hub id like "
-            "'meta-llama/Llama-2-7b-hf'.")
+    source = model_source(name)
     tokenizer = AutoTokenizer.from_pretrained(source)
     kwargs = dict(from_pretrained_kwargs)
     if "device_map" not in kwargs and dev.type != "cpu":

@@ -27,7 +27,7 @@ from torch import nn
 from .layers import decoder_layers, decoder_layers_path, unwrap_model
 from .records import REMOVAL_RECORD
 
-__all__ = ["remove_layers"]
+__all__ = ["prune_config", "remove_layers"]
 
 # Config lists whose length may equal the number of layers without being per-layer.
 _NOT_PER_LAYER = {"architectures"}
@@ -114,6 +114,29 @@ def _record(config, removed: list[int], n: int, scores, metric) -> None:
     })
 
 
+def _check_plan(config, layers, n: int, scores) -> tuple[list[int], list[float] | None]:
+    """The sorted layers to remove and the scores as floats, or ``ValueError``."""
+    removed = _check_layers(layers, n)
+    if scores is not None:
+        scores = torch.as_tensor(scores).flatten().tolist()
+        if len(scores) != n:
+            raise ValueError(f"scores has {len(scores)} entries but the model has {n} layers; "
+                             "pass the per-layer scores the plan was made from.")
+    _check_supported(config.get_text_config())
+    return removed, scores
+
+
+def prune_config(config, layers, n: int, *, scores=None, metric: str | None = None) -> dict:
+    """Update ``config`` (of a model with ``n`` decoder layers) as :func:`remove_layers`
+    does for removing ``layers``: ``num_hidden_layers``, the per-layer lists and the
+    pruning record. Returns ``{old index: new index}`` of the layers that stay. For code
+    that rewrites the weights itself (:func:`shortgpt_lite.checkpoint.prune_checkpoint`)."""
+    removed, scores = _check_plan(config, layers, n, scores)
+    _update_config(config.get_text_config(), removed, n)
+    _record(config, removed, n, scores, metric)
+    return _new_indices(removed, n)
+
+
 def remove_layers(model: nn.Module, layers, *, inplace: bool = False, scores=None,
                   metric: str | None = None) -> nn.Module:
     """Delete decoder blocks ``layers`` (0-based indices) and return the shorter model.
@@ -131,20 +154,12 @@ def remove_layers(model: nn.Module, layers, *, inplace: bool = False, scores=Non
     """
     blocks = decoder_layers(model)
     n = len(blocks)
-    removed = _check_layers(layers, n)
-    if scores is not None:
-        scores = torch.as_tensor(scores).flatten().tolist()
-        if len(scores) != n:
-            raise ValueError(f"scores has {len(scores)} entries but the model has {n} layers; "
-                             "pass the per-layer scores the plan was made from.")
     inner = unwrap_model(model)
-    text_config = inner.config.get_text_config()
-    _check_supported(text_config)
+    removed, scores = _check_plan(inner.config, layers, n, scores)
 
     if not inplace:
         model = copy.deepcopy(model)
         inner = unwrap_model(model)
-        text_config = inner.config.get_text_config()
         blocks = decoder_layers(model)
 
     for i in reversed(removed):
@@ -154,7 +169,7 @@ def remove_layers(model: nn.Module, layers, *, inplace: bool = False, scores=Non
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new
 
-    _update_config(text_config, removed, n)
+    _update_config(inner.config.get_text_config(), removed, n)
     _record(inner.config, removed, n, scores, metric)
     _update_device_map(inner, removed, n)
     return model

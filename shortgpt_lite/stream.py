@@ -49,7 +49,7 @@ from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, empty_model, model_folder
-from .hooks import LayerStatistics, _collector
+from .hooks import LayerStatistics, make_collector
 from .inputs import check_token_ids, iter_batches, model_inputs
 from .layers import decoder_layers, decoder_layers_path, replaced_forward, stop_after
 
@@ -192,7 +192,7 @@ def streamed_layer_statistics(source, data, *, batch_size: int = 8,
     model = empty_model(folder, dt)
     layers = decoder_layers(model)
     n = len(layers)
-    collector = _collector(n, relative_magnitude, similarity, angular, pair_tokens, norms)
+    collector = make_collector(n, relative_magnitude, similarity, angular, pair_tokens, norms)
     prefix = decoder_layers_path(model) + "."
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
