@@ -32,6 +32,11 @@ from .layers import decoder_layers
 from .records import pruning_records
 from .removal import remove_layers
 
+# Models larger than memory: streamed scoring, pruning on disk, conformance of the result
+from .checkpoint import prune_checkpoint
+from .conformance import check_model
+from .stream import streamed_layer_statistics
+
 # Reference runs: stored experiments and paired comparisons
 from .experiments import EXPERIMENTS, paired_difference, perplexity_ratio, reference, removal_curve
 from .curves import (
@@ -123,6 +128,8 @@ __all__ = [
     # importance, plans and removal
     "METRICS", "decoder_layers", "input_device", "iter_batches", "layer_importance",
     "layers_to_remove", "pruning_records", "removal_curve", "remove_layers", "skip_layer",
+    # models larger than memory
+    "check_model", "prune_checkpoint", "streamed_layer_statistics",
     # reference runs
     "EXPERIMENTS", "accuracy_drop", "accuracy_table", "area_under_curve", "compare_accuracy",
     "compare_orderings", "compare_variants", "curve_table", "paired_difference",
