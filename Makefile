@@ -17,7 +17,7 @@ STAMP   := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install lock lock-upgrade plain-install test test-portable test-fast lint book book-clean clean sweep student results
+.PHONY: install lock lock-upgrade plain-install test test-portable test-fast lint book book-clean clean sweep student results gpu-bench
 
 install: $(STAMP)
 
@@ -91,6 +91,22 @@ book: install
 results: install
 	$(BIN)/shortgpt-lite experiment all --out results.new
 	rm -rf results && mv results.new results
+
+# The GPU measurements, on a machine with a CUDA GPU and a CUDA build of torch (so not from
+# .venv, which holds the CPU build): Block Influence of a random-weight Llama-2-7B-shaped
+# checkpoint in bf16, streamed and in memory, bench bi on the same shapes, and chapter 04,
+# whose last cell times the 2:4 semi-structured kernel. Outputs go to _build/gpu/.
+GPU_PYTHON ?= python3
+gpu-bench:
+	mkdir -p _build/gpu
+	$(GPU_PYTHON) -m shortgpt_lite.bench stream --shapes llama-2-7b --device cuda --dtype bf16 \
+	    --tokens 16384 --seq-len 2048 --repeats 3 | tee _build/gpu/stream.txt
+	$(GPU_PYTHON) -m shortgpt_lite.bench bi --shapes llama-2-7b --device cuda --dtype bf16 \
+	    --tokens 16384 --seq-len 2048 --repeats 3 | tee _build/gpu/bi.txt
+	$(GPU_PYTHON) -m papermill notebooks/04_wanda.ipynb _build/gpu/04_wanda.ipynb --cwd notebooks
+	$(GPU_PYTHON) -c "import json; nb = json.load(open('_build/gpu/04_wanda.ipynb')); \
+	    print(''.join(''.join(o.get('text', [])) for c in nb['cells'] for o in c.get('outputs', []) \
+	                  if 'semi_structured' in ''.join(c['source'])))" | tee _build/gpu/2of4.txt
 
 # The assignments without their solutions, for instructors to hand out.
 student: install

@@ -7,10 +7,11 @@ pages of the safetensors files it has mapped) covers everything from start to fi
 loading included, since what streaming saves is the loading.
 
 With ``--shapes llama-2-7b`` the benchmark first writes a random-weight checkpoint of that
-shape in bf16 (13.5 GB, in shards of two blocks) to ``--workdir``, then scores it streamed
-only (in memory it would need twice this machine's RAM in fp32), and compares the time with
-reading every shard from disk once. Where the page cache can be dropped (root on Linux),
-both the read and the streamed run start from a cold cache.
+shape in bf16 (13.5 GB, in shards of two blocks) to ``$SHORTGPT_LITE_BENCH_DIR`` (default
+``bench_work/``), and compares the time with reading every shard from disk once. On a CPU
+it scores streamed only (in memory in fp32 it would need twice this machine's RAM); with
+``--device cuda --dtype bf16`` both ways, with the peak GPU memory of each. Where the page
+cache can be dropped (root on Linux), the read and every run start from a cold cache.
 """
 
 from __future__ import annotations
@@ -56,21 +57,15 @@ def child() -> None:
     from ..hooks import layer_statistics
 
     t0 = time.perf_counter()
-    if settings["approach"] == "streamed":
-        stats = layer_statistics(settings["folder"], windows, batch_size=settings["batch_size"],
-                                 stream=True, device=settings["device"],
-                                 dtype=settings["dtype"], progress=False)
-    else:
-        from ..models import load_model
-
-        model, _ = load_model(settings["folder"], device=settings["device"],
-                              dtype=settings["dtype"])
-        stats = layer_statistics(model, windows, batch_size=settings["batch_size"],
-                                 progress=False)
+    # loaded whole and scored in memory, or streamed: the same call with stream on or off
+    stats = layer_statistics(settings["folder"], windows, batch_size=settings["batch_size"],
+                             stream=settings["approach"] == "streamed",
+                             device=settings["device"], dtype=settings["dtype"], progress=False)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"seconds": seconds, "peak": peak, "tokens": int(windows.numel()),
-                      "bi": stats.block_influence.tolist()}))
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    print(json.dumps({"seconds": seconds, "peak": peak, "gpu_peak": gpu,
+                      "tokens": int(windows.numel()), "bi": stats.block_influence.tolist()}))
 
 
 def _run_child(settings: dict) -> dict:
@@ -164,7 +159,9 @@ def bench_stream(args) -> None:
     print(f"model: {('random-weight ' + shape) if shape else args.model}, {size / gib:.2f} GiB "
           f"of safetensors in {folder}; {settings['tokens']} tokens in windows of "
           f"{settings['seq_len']}, batch size {settings['batch_size']}")
-    approaches = ["streamed"] if shape else ["in memory", "streamed"]
+    # a 7B-shaped model in fp32 needs twice this CPU's memory in memory; a GPU holds it in bf16
+    on_gpu = str(args.device).startswith("cuda")
+    approaches = ["streamed"] if shape and not on_gpu else ["in memory", "streamed"]
     runs = {a: [] for a in approaches}
     if shape:
         cold = _drop_page_cache()
@@ -177,19 +174,20 @@ def bench_stream(args) -> None:
                 _drop_page_cache()
             runs[a].append(_run_child({**settings, "approach": a}))
     print(f"{'approach':<10} {'min s':>7} {'median s':>9} {'peak RSS GiB':>13} "
-          f"{'RSS / model size':>17}")
+          f"{'RSS / model size':>17} {'peak GPU GiB':>13}")
     for a, rs in runs.items():
         secs = sorted(r["seconds"] for r in rs)
         peak = max(r["peak"] for r in rs)
+        gpu = max(r["gpu_peak"] or 0 for r in rs)
         print(f"{a:<10} {secs[0]:>7.1f} {secs[len(secs) // 2]:>9.1f} {peak / gib:>13.2f} "
-              f"{peak / size:>17.3f}")
-    if not shape:
+              f"{peak / size:>17.3f} {gpu / gib if gpu else float('nan'):>13.2f}")
+    if len(approaches) == 2:
         mem, st = runs["in memory"], runs["streamed"]
         ratio_t = min(r["seconds"] for r in st) / min(r["seconds"] for r in mem)
         ratio_m = max(r["peak"] for r in st) / max(r["peak"] for r in mem)
         diff = max(abs(a - b) for a, b in zip(mem[0]["bi"], st[0]["bi"]))
         print(f"streamed / in memory: time x{ratio_t:.2f}, peak RSS x{ratio_m:.2f}; "
               f"max |BI difference| {diff:.2g}")
-    else:
+    if shape:
         best = min(r["seconds"] for r in runs["streamed"])
         print(f"streamed / one read of the weights: x{best / read:.2f}")
