@@ -35,7 +35,7 @@ from .removal import remove_layers
 # Models larger than memory: streamed scoring, pruning on disk, conformance of the result
 from .checkpoint import prune_checkpoint
 from .conformance import check_model
-from .stream import streamed_layer_statistics
+from .stream import streamed_layer_statistics, streamed_wanda
 
 # Reference runs: stored experiments and paired comparisons
 from .experiments import EXPERIMENTS, paired_difference, perplexity_ratio, reference, removal_curve
@@ -129,7 +129,7 @@ __all__ = [
     "METRICS", "decoder_layers", "input_device", "iter_batches", "layer_importance",
     "layers_to_remove", "pruning_records", "removal_curve", "remove_layers", "skip_layer",
     # models larger than memory
-    "check_model", "prune_checkpoint", "streamed_layer_statistics",
+    "check_model", "prune_checkpoint", "streamed_layer_statistics", "streamed_wanda",
     # reference runs
     "EXPERIMENTS", "accuracy_drop", "accuracy_table", "area_under_curve", "compare_accuracy",
     "compare_orderings", "compare_variants", "curve_table", "paired_difference",

@@ -27,7 +27,8 @@ from torch import nn
 
 from .layers import decoder_layers, decoder_layers_path
 
-__all__ = ["Checkpoint", "empty_model", "model_folder", "prune_checkpoint"]
+__all__ = ["Checkpoint", "copy_extras", "empty_model", "model_folder", "prune_checkpoint",
+           "write_index"]
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -77,6 +78,13 @@ class Checkpoint:
 
     def shards(self) -> list[str]:
         return list(dict.fromkeys(self.weight_map.values()))
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype tensor ``name`` is stored in."""
+        from safetensors import safe_open
+
+        with safe_open(self.folder / self.weight_map[name], framework="pt") as f:
+            return _DTYPES[f.get_slice(name).get_dtype()]
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read from its shard (on the CPU, in the dtype it was saved in). The
@@ -133,9 +141,40 @@ def _numel(shape) -> int:
     return out
 
 
+_DTYPES = {"F64": torch.float64, "I64": torch.int64, "F32": torch.float32, "I32": torch.int32,
+           "F16": torch.float16, "BF16": torch.bfloat16, "I16": torch.int16, "I8": torch.int8,
+           "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+           "F8_E5M2": torch.float8_e5m2}
+
+
 def _itemsize(dtype: str) -> int:
     return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
             "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}[dtype]
+
+
+def write_index(out: Path, weight_map: dict, source: Checkpoint) -> None:
+    """``model.safetensors.index.json`` of the shards in ``out`` (``weight_map``: tensor
+    name -> shard), with the metadata of ``source`` and the new total size."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in dict.fromkeys(weight_map.values()):
+        with safe_open(out / shard, framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                total += _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
+    index = {"metadata": {**source.metadata, "total_size": total},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (out / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_extras(folder: Path, out: Path) -> None:
+    """Copy the files of a model folder other than its config and weights (tokenizer,
+    generation config) that ``out`` does not have yet."""
+    for item in Path(folder).iterdir():
+        if item.is_file() and item.name not in {"config.json", _INDEX} \
+                and not item.name.endswith(".safetensors") and not (out / item.name).exists():
+            shutil.copy2(item, out / item.name)
 
 
 def empty_model(folder, dtype: torch.dtype | None = None) -> nn.Module:
@@ -195,7 +234,7 @@ def prune_checkpoint(src, layers, out, *, scores=None, metric: str | None = None
         return None if old not in new_index else f"{path}{new_index[old]}.{m.group(2)}"
 
     out.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
+    weight_map = {}
     for shard in checkpoint.shards():
         tensors = {}
         for name in [k for k, s in checkpoint.weight_map.items() if s == shard]:
@@ -204,17 +243,10 @@ def prune_checkpoint(src, layers, out, *, scores=None, metric: str | None = None
                 tensors[new] = checkpoint.get(name)
         if tensors:
             save_file(tensors, out / shard, metadata={"format": "pt"})
-            for name, t in tensors.items():
-                weight_map[name] = shard
-                total += t.numel() * t.element_size()
+            weight_map |= dict.fromkeys(tensors, shard)
         del tensors
     if (folder / _INDEX).is_file():
-        index = {"metadata": {**checkpoint.metadata, "total_size": total},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        (out / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_index(out, weight_map, checkpoint)
     config.save_pretrained(out)
-    for item in folder.iterdir():
-        if item.is_file() and item.name not in {"config.json", _INDEX} \
-                and not item.name.endswith(".safetensors") and not (out / item.name).exists():
-            shutil.copy2(item, out / item.name)
+    copy_extras(folder, out)
     return out

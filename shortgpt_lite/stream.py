@@ -34,6 +34,10 @@ backward pass through the whole stack. :func:`check_streamable` refuses them.
 With ``resume_dir``, the state after every block (activations, sums, per-batch pair
 states) is written there, and a rerun with the same inputs continues after the last
 block that finished.
+
+Wanda is block-sequential already (:mod:`shortgpt_lite.wanda`), so
+:func:`streamed_wanda` runs it the same way: load a block, calibrate it on the pruned
+outputs of the blocks before it, prune it, write it out as a shard of its own, free it.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from .hooks import LayerStatistics, make_collector
 from .inputs import check_token_ids, iter_batches, model_inputs
 from .layers import decoder_layers, decoder_layers_path, replaced_forward, stop_after
 
-__all__ = ["STREAMABLE", "check_streamable", "streamed_layer_statistics"]
+__all__ = ["STREAMABLE", "check_streamable", "streamed_layer_statistics", "streamed_wanda"]
 
 # The layer_importance metrics a streamed pass can compute, and why the others cannot.
 STREAMABLE = ("bi", "angular", "relative_magnitude", "sequential", "reverse", "random")
@@ -101,7 +105,8 @@ def _record_calls(model, layers, ids, mask, device, as_tuple: bool):
 
 
 def _capture(model, layers, ids, mask, device):
-    """``x_0`` of one batch and the ``(args, kwargs)`` the model passes to every block.
+    """``x_0`` of one batch, the ``(args, kwargs)`` the model passes to every block, and
+    whether a block returns a tuple.
 
     The recorders return their input as the block would return its output: a tensor, as
     transformers' blocks do, or else a 1-tuple, as Falcon's (whose model reads
@@ -114,10 +119,43 @@ def _capture(model, layers, ids, mask, device):
             failure = failure or error
             continue
         if all(c is not None for c in calls) and first:
-            return first[0], calls
+            return first[0], calls, as_tuple
     raise RuntimeError("The model's forward did not pass every decoder block a hidden state "
                        "this pass could record, so this architecture cannot be streamed block "
                        "by block; score it in memory with load_model.") from failure
+
+
+class _Skeleton:
+    """The model of ``source`` without weights, but for the tensors outside its decoder
+    blocks (the embedding; an untied LM head stays empty), on ``device`` in ``dtype``."""
+
+    def __init__(self, source, device, dtype):
+        from .models import pick_device, resolve_dtype
+
+        self.folder = model_folder(source)
+        self.checkpoint = Checkpoint(self.folder)
+        self.device = pick_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = empty_model(self.folder, self.dtype)
+        self.layers = decoder_layers(self.model)
+        self.prefix = decoder_layers_path(self.model) + "."
+        model = self.model
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is model.get_input_embeddings().weight
+        skip = (self.prefix,) + (() if tied or head is None else
+                                 tuple(f"{name}." for name, m in model.named_modules()
+                                       if m is head))
+        self.checkpoint.load_into(model, "", self.device, self.dtype, skip=skip)
+        for module in model.modules():  # rotary frequencies, embedding scales
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer.device.type != "meta":
+                    module._buffers[name] = buffer.to(self.device)
+
+    def free_outside_blocks(self) -> None:
+        """Once the batches are embedded, only the blocks run."""
+        for name, _ in list(self.model.named_parameters()):
+            if not name.startswith(self.prefix):
+                set_module_tensor_to_device(self.model, name, "meta")
 
 
 def _activation_device(device: torch.device, nbytes: int) -> torch.device:
@@ -183,26 +221,11 @@ def streamed_layer_statistics(source, data, *, batch_size: int = 8,
     streams its own share of the data and the sums are all-reduced, as in
     :func:`~shortgpt_lite.hooks.layer_statistics`.
     """
-    from .models import pick_device, resolve_dtype
-
-    folder = model_folder(source)
-    checkpoint = Checkpoint(folder)
-    dev = pick_device(device)
-    dt = resolve_dtype(dtype, dev)
-    model = empty_model(folder, dt)
-    layers = decoder_layers(model)
+    s = _Skeleton(source, device, dtype)
+    folder, checkpoint, dev, dt, model, layers, prefix = \
+        s.folder, s.checkpoint, s.device, s.dtype, s.model, s.layers, s.prefix
     n = len(layers)
     collector = make_collector(n, relative_magnitude, similarity, angular, pair_tokens, norms)
-    prefix = decoder_layers_path(model) + "."
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is model.get_input_embeddings().weight
-    skip = (prefix,) + (() if tied or head is None else
-                        tuple(f"{name}." for name, m in model.named_modules() if m is head))
-    checkpoint.load_into(model, "", dev, dt, skip=skip)
-    for module in model.modules():  # rotary frequencies, embedding scales
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer.device.type != "meta":
-                module._buffers[name] = buffer.to(dev)
 
     batches = [(ids.cpu(), mask.cpu()) for ids, mask in iter_batches(data, batch_size)]
     if not batches:
@@ -220,12 +243,10 @@ def streamed_layer_statistics(source, data, *, batch_size: int = 8,
         check_token_ids(model, ids)
         collector.begin(mask)
         contexts.append(collector.batch_state())
-        x0, c = _capture(model, layers, ids, mask, dev)
+        x0, c, _ = _capture(model, layers, ids, mask, dev)
         xs.append(x0)
         calls.append(c)
-    for name, _ in list(model.named_parameters()):  # only the blocks run from here on
-        if not name.startswith(prefix):
-            set_module_tensor_to_device(model, name, "meta")
+    s.free_outside_blocks()
     tokens = sum(x.numel() for x in xs)
     kept = 1 + (n + 1 if similarity else angular) * (1 if pair_tokens == "all" else 0)
     where = _activation_device(dev, tokens * xs[0].element_size() * kept)
@@ -278,3 +299,65 @@ def streamed_layer_statistics(source, data, *, batch_size: int = 8,
     if distributed:
         collector.all_reduce()
     return collector.finish()
+
+
+def streamed_wanda(source, windows: torch.Tensor, out, sparsity=0.5, *, per: str = "row",
+                   batch_size: int = 8, device="auto", dtype=None,
+                   progress: bool = True) -> Path:
+    """Wanda on a checkpoint larger than memory, written to the folder ``out`` block by
+    block: each block is loaded, calibrated on the pruned outputs of the blocks before it,
+    pruned (:func:`shortgpt_lite.wanda.wanda_prune_block`), written as a shard of its own
+    in the dtype it was stored in, and freed. The tensors outside the blocks are copied;
+    the config gets the sparsity record :func:`~shortgpt_lite.wanda.wanda_prune` writes.
+    The result equals ``wanda_prune(model, windows, ...)`` saved (a test checks it).
+    ``windows`` is a LongTensor ``[n, seq_len]`` of calibration tokens."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from .checkpoint import copy_extras, write_index
+    from .records import SPARSITY_RECORD
+    from .wanda import sparsity_entry, wanda_prune_block
+
+    entry = sparsity_entry("wanda", sparsity, per, windows)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; pass a new folder for the pruned "
+                         "checkpoint.")
+    s = _Skeleton(source, device, dtype)
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
+        raise ValueError("windows must be a LongTensor [n, seq_len] of token ids, as "
+                         "token_windows returns.")
+    hidden, per_block, tuple_output = [], [[] for _ in s.layers], False
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start:start + batch_size]
+        check_token_ids(s.model, ids)
+        x0, calls, tuple_output = _capture(s.model, s.layers, ids, torch.ones_like(ids), s.device)
+        hidden.append(x0)
+        for b, call in enumerate(calls):
+            per_block[b].append(call)
+    s.free_outside_blocks()
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    n = len(s.layers)
+    with torch.inference_mode():
+        for i in tqdm(range(n), desc=f"streamed Wanda {sparsity}", unit="block",
+                      disable=not progress):
+            layer = s.layers[i]
+            s.checkpoint.load_into(layer, f"{s.prefix}{i}.", s.device, s.dtype)
+            hidden = wanda_prune_block(layer, hidden, per_block[i], tuple_output, sparsity,
+                                       per=per, outputs=i < n - 1)
+            shard = f"model-block-{i:05d}.safetensors"
+            tensors = {f"{s.prefix}{i}.{k}": v.to(s.checkpoint.stored_dtype(f"{s.prefix}{i}.{k}"))
+                       .contiguous().cpu() for k, v in layer.state_dict().items()}
+            save_file(tensors, out / shard, metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(tensors, shard)
+            layer.to("meta")
+    rest = {k: s.checkpoint.get(k) for k in s.checkpoint.weight_map if not k.startswith(s.prefix)}
+    save_file(rest, out / "model-rest.safetensors", metadata={"format": "pt"})
+    weight_map |= dict.fromkeys(rest, "model-rest.safetensors")
+    write_index(out, weight_map, s.checkpoint)
+    config = AutoConfig.from_pretrained(s.folder)
+    setattr(config, SPARSITY_RECORD, entry)
+    config.save_pretrained(out)
+    copy_extras(s.folder, out)
+    return out

@@ -45,6 +45,8 @@ from .layers import decoder_layers, replaced_forward, stop_after, unwrap_model
 from .records import SPARSITY_RECORD
 
 __all__ = [
+    "sparsity_entry",
+    "wanda_prune_block",
     "block_inputs",
     "magnitude_prune",
     "prunable_parameters",
@@ -236,7 +238,7 @@ def run_block(block: nn.Module, hidden, calls, tuple_output: bool) -> list[torch
     out = []
     for x, (args, kwargs) in zip(hidden, calls):
         y = block(x, *args, **kwargs)
-        out.append(y[0] if tuple_output else y)
+        out.append(y[0] if isinstance(y, (tuple, list)) else y)  # Falcon returns a tuple
     return out
 
 
@@ -259,6 +261,30 @@ def _input_norms(block: nn.Module, hidden, calls, tuple_output: bool) -> dict[st
         for h in handles:
             h.remove()
     return {name: s.sqrt() for name, s in sums.items()}
+
+
+def wanda_prune_block(block: nn.Module, hidden, calls, tuple_output: bool, sparsity=0.5, *,
+                      per: str = "row", outputs: bool = True) -> list[torch.Tensor] | None:
+    """Wanda on one decoder block, in place: :math:`\\lVert X_j\rVert_2` of every linear's
+    inputs over the batches ``hidden`` (called with ``calls``, as :func:`block_inputs`
+    records them), :math:`S = |W| \\cdot \\lVert X\rVert_2`, the lowest scores set to zero.
+    Returns the pruned block's outputs, the next block's inputs (None with
+    ``outputs=False``, for the last block)."""
+    norms = _input_norms(block, hidden, calls, tuple_output)
+    for name, linear in _block_linears(block).items():
+        _apply(linear, sparsity_mask(wanda_scores(linear.weight, norms[name]), sparsity, per=per))
+    return run_block(block, hidden, calls, tuple_output) if outputs else None
+
+
+def sparsity_entry(method: str, sparsity, per: str, windows: torch.Tensor | None = None) -> dict:
+    """The record a pruned model's config keeps under ``SPARSITY_RECORD``."""
+    fraction, nm = _parse_sparsity(sparsity)
+    entry = {"method": method, "sparsity": fraction,
+             "structure": None if nm is None else f"{nm[0]}:{nm[1]}", "per": per}
+    if windows is not None:
+        entry |= {"calibration_tokens": int(windows.numel()),
+                  "calibration_seq_len": int(windows.shape[1])}
+    return entry
 
 
 def wanda_prune(model: nn.Module, windows: torch.Tensor, sparsity=0.5, *, per: str = "row",
@@ -284,7 +310,7 @@ def wanda_prune(model: nn.Module, windows: torch.Tensor, sparsity=0.5, *, per: s
     stored in ``config.shortgpt_lite_sparsity`` and :func:`sparsity_report` gives the
     achieved sparsity per layer.
     """
-    fraction, nm = _parse_sparsity(sparsity)
+    _parse_sparsity(sparsity)
     _check_per(per)
     windows = _check_windows(windows, max_seq_len)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -299,17 +325,12 @@ def wanda_prune(model: nn.Module, windows: torch.Tensor, sparsity=0.5, *, per: s
         with torch.inference_mode():
             for b, block in enumerate(tqdm(blocks, desc=f"Wanda {sparsity}",
                                            disable=not progress)):
-                norms = _input_norms(block, hidden, calls[b], tuple_output)
-                for name, linear in _block_linears(block).items():
-                    _apply(linear, sparsity_mask(wanda_scores(linear.weight, norms[name]),
-                                                 sparsity, per=per))
-                if b < len(blocks) - 1:  # the pruned outputs are the next block's inputs
-                    hidden = run_block(block, hidden, calls[b], tuple_output)
+                # the pruned outputs are the next block's inputs
+                hidden = wanda_prune_block(block, hidden, calls[b], tuple_output, sparsity,
+                                           per=per, outputs=b < len(blocks) - 1)
     finally:
         model.train(was_training)
-    _record(model, method="wanda", sparsity=fraction,
-            structure=None if nm is None else f"{nm[0]}:{nm[1]}", per=per,
-            calibration_tokens=int(windows.numel()), calibration_seq_len=int(windows.shape[1]))
+    _record(model, **sparsity_entry("wanda", sparsity, per, windows))
     return model
 
 
@@ -321,15 +342,14 @@ def magnitude_prune(model: nn.Module, sparsity=0.5, *, per: str = "row", inplace
     Wanda's tables).
     ``sparsity`` is a fraction in [0, 1) or ``"N:M"``. Returns the pruned model (a deep
     copy unless ``inplace=True``)."""
-    fraction, nm = _parse_sparsity(sparsity)
+    _parse_sparsity(sparsity)
     _check_per(per)
     if not inplace:
         model = copy.deepcopy(model)
     for block in tqdm(decoder_layers(model), desc=f"magnitude {sparsity}", disable=not progress):
         for linear in _block_linears(block).values():
             _apply(linear, sparsity_mask(linear.weight.detach().float().abs(), sparsity, per=per))
-    _record(model, method="magnitude", sparsity=fraction,
-            structure=None if nm is None else f"{nm[0]}:{nm[1]}", per=per)
+    _record(model, **sparsity_entry("magnitude", sparsity, per))
     return model
 
 

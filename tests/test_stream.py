@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import shortgpt_lite as sgl
 from shortgpt_lite import stream
@@ -121,3 +122,26 @@ def test_an_interrupted_streamed_run_resumes_after_the_last_finished_block(tmp_p
 
     with pytest.raises(ValueError, match="other inputs"):
         stream.streamed_layer_statistics(tmp_path / "model", _padded_batches(5), **options)
+
+
+@pytest.mark.parametrize("arch,sparsity", [("llama", 0.5), ("gemma3", "2:4"), ("falcon", 0.3)])
+def test_streamed_wanda_writes_what_wanda_prune_writes(arch, sparsity, tmp_path):
+    model = tiny_model(arch, layers=4)
+    model.save_pretrained(tmp_path / "src", max_shard_size="40KB")
+    windows = torch.randint(3, 120, (6, 16), generator=torch.Generator().manual_seed(3))
+    got = stream.streamed_wanda(tmp_path / "src", windows, tmp_path / "out", sparsity,
+                                batch_size=4, progress=False)
+    sgl.wanda_prune(model, windows, sparsity, batch_size=4).save_pretrained(tmp_path / "ref")
+    ours, theirs = Checkpoint(got), Checkpoint(tmp_path / "ref")
+    assert sorted(ours.weight_map) == sorted(theirs.weight_map)
+    zeros = 0
+    for name in theirs.weight_map:
+        a, b = ours.get(name), theirs.get(name)
+        assert torch.equal(a, b), name
+        zeros += int((a == 0).sum())
+    assert zeros > 0  # something was pruned
+    reloaded = AutoModelForCausalLM.from_pretrained(got)
+    record = sgl.pruning_records(reloaded)["shortgpt_lite_sparsity"]
+    assert record["method"] == "wanda" and record["calibration_tokens"] == 96
+    with pytest.raises(ValueError, match="not empty"):
+        stream.streamed_wanda(tmp_path / "src", windows, tmp_path / "out", sparsity)
