@@ -2,6 +2,7 @@
 fails on the broken model it is there to catch."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -100,3 +101,21 @@ def test_the_half_precision_check_catches_fp16_overflow():
         model.get_input_embeddings().weight.mul_(1e6)  # beyond fp16's 65504
     passed, detail = conformance.check_half_precision(model, 0)
     assert passed is False and "float16" in detail
+
+
+def test_the_lm_eval_check_scores_a_request_or_says_it_is_not_installed(tmp_path, monkeypatch):
+    from tiny import byte_tokenizer, tiny_llama
+
+    sgl.remove_layers(tiny_llama(vocab_size=320, layers=4), [1]).save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    try:
+        import lm_eval  # noqa: F401  (the optional extra)
+    except ImportError:
+        pass
+    else:
+        passed, detail = conformance.check_lm_eval(tmp_path, "cpu")
+        assert passed is True and "log p" in detail
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as where it is not installed
+    monkeypatch.setitem(sys.modules, "lm_eval.api.instance", None)
+    passed, detail = conformance.check_lm_eval(tmp_path, "cpu")
+    assert passed is None and "not installed" in detail
