@@ -32,6 +32,9 @@ from .layers import decoder_layers
 from .records import pruning_records
 from .removal import remove_layers
 
+# After removal: healing
+from .heal import heal, healing_record
+
 # Models larger than memory: streamed scoring, pruning on disk, conformance of the result
 from .checkpoint import prune_checkpoint
 from .conformance import check_model
@@ -128,6 +131,8 @@ __all__ = [
     # importance, plans and removal
     "METRICS", "decoder_layers", "input_device", "iter_batches", "layer_importance",
     "layers_to_remove", "pruning_records", "removal_curve", "remove_layers", "skip_layer",
+    # healing after removal
+    "heal", "healing_record",
     # models larger than memory
     "check_model", "prune_checkpoint", "streamed_layer_statistics", "streamed_wanda",
     # reference runs

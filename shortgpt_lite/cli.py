@@ -6,6 +6,7 @@ version of an exercise notebook.
     torchrun --nproc_per_node 2 -m shortgpt_lite.cli score --model smollm2-135m
     shortgpt-lite prune --model smollm2-135m --remove 8 [--metric bi] [--stream] --out DIR
     shortgpt-lite check pruned/ [--original smollm2-135m]
+    shortgpt-lite heal --model pruned/ --teacher smollm2-135m --method lora --minutes 10 --out healed/
     shortgpt-lite student notebooks/08_assignments.ipynb student/08_assignments.ipynb
     shortgpt-lite experiment removal --model smollm2-135m [--max-remove 10 ...] [--out results]
     shortgpt-lite experiment all --out results
@@ -18,7 +19,9 @@ never in memory whole: scores come one decoder block at a time
 (:func:`shortgpt_lite.checkpoint.prune_checkpoint`). Under ``torchrun`` each process
 scores its share of the windows and the sums are all-reduced. ``check`` runs the
 conformance checks of :mod:`shortgpt_lite.conformance` on a saved model, prints a table
-and exits non-zero when one fails. ``student`` replaces the
+and exits non-zero when one fails. ``heal`` trains a pruned model on calibration text by one
+of the recipes of :mod:`shortgpt_lite.heal`, prints its held-out perplexity before and
+after, and writes the healed model. ``student`` replaces the
 marked solutions of an exercise notebook with stubs and strips its outputs
 (see :mod:`shortgpt_lite.course`). ``experiment`` computes a reference run with its
 provenance (:mod:`shortgpt_lite.experiments`); any parameter of the experiment can be set
@@ -223,6 +226,56 @@ def cmd_check(args) -> None:
         raise SystemExit(1)
 
 
+def cmd_heal(args) -> None:
+    import math
+
+    from .data import load_text, token_windows
+    from .evaluate import perplexity
+    from .heal import heal
+    from .models import load_model
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} exists and is not empty; choose a new --out folder.")
+    if (args.steps is None) == (args.minutes is None):
+        raise SystemExit("Give one budget: --steps N or --minutes M.")
+    try:
+        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+        teacher = None
+        if args.teacher:
+            teacher, teacher_tokenizer = load_model(args.teacher, device=args.device,
+                                                    dtype=args.dtype)
+            if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+                raise SystemExit(f"{args.teacher} uses another tokenizer than {args.model}; the "
+                                 "teacher must be the model the layers were removed from.")
+        windows = token_windows(tokenizer, load_text(args.corpus, "calibration"), args.seq_len,
+                                max_windows=max(1, args.tokens // args.seq_len))
+        held = token_windows(tokenizer, load_text(args.corpus, "evaluation"), args.seq_len,
+                             max_windows=max(1, args.eval_tokens // args.seq_len))
+        before = perplexity(model, held, progress=False)["perplexity"]
+        healed = heal(model, windows, teacher=teacher, method=args.method, steps=args.steps,
+                      minutes=args.minutes, seed=args.seed, lr=args.lr, rank=args.rank,
+                      batch_size=args.batch_size, teacher_name=args.teacher,
+                      progress=not args.no_progress)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    after = perplexity(healed, held, progress=False)["perplexity"]
+    healed.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    record = healed.config.shortgpt_lite_healing
+    print(f"healed {args.model} by {args.method}: {record['steps']} steps, {record['tokens']} "
+          f"{args.corpus} calibration tokens, {record['seconds']:.0f} s")
+    line = f"held-out {args.corpus} perplexity ({held.numel()} tokens): {before:.2f} -> {after:.2f}"
+    if teacher is not None:
+        dense = perplexity(teacher, held, progress=False)["perplexity"]
+        gap = math.log(before) - math.log(dense)
+        closed = f"; {100 * (math.log(before) - math.log(after)) / gap:.0f}% of the log-perplexity " \
+                 f"gap to {args.teacher} ({dense:.2f}) closed" if gap > 0 else ""
+        line += closed
+    print(line)
+    print(f"wrote {out}")
+
+
 def _experiment_params(name: str, extra: list[str]) -> dict:
     """``--max-remove 6 --tasks piqa,boolq`` as ``{"max_remove": 6, "tasks": [...]}``,
     each value converted to the type of the parameter's default."""
@@ -299,6 +352,34 @@ def main(argv=None) -> None:
                        "bundled name): rebuild the pruned one from it and compare logits")
     check.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
     check.set_defaults(run=cmd_check)
+
+    from .heal import METHODS
+
+    heal = commands.add_parser("heal", help="train a pruned model to recover what pruning lost, "
+                               "and save it")
+    heal.add_argument("--model", required=True, help="the pruned model (folder, hub id or "
+                      "bundled name)")
+    heal.add_argument("--teacher", default=None, help="the model the layers were removed from "
+                      "(needed by distill, distill+lora and bridge)")
+    heal.add_argument("--method", default="lora", choices=list(METHODS),
+                      help="healing recipe (default lora)")
+    heal.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    heal.add_argument("--minutes", type=float, default=None, help="or minutes of wall-clock time")
+    heal.add_argument("--out", required=True, help="folder to write the healed model into")
+    heal.add_argument("--corpus", default="wikipedia", help="calibration corpus (default wikipedia)")
+    heal.add_argument("--tokens", type=int, default=32768,
+                      help="calibration tokens to train on (default 32768)")
+    heal.add_argument("--eval-tokens", type=int, default=4096,
+                      help="held-out tokens for the perplexity before and after (default 4096)")
+    heal.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    heal.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
+    heal.add_argument("--lr", type=float, default=None, help="learning rate (default per method)")
+    heal.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    heal.add_argument("--seed", type=int, default=0)
+    heal.add_argument("--device", default="auto", help="cuda, cpu, mps or auto (default)")
+    heal.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    heal.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    heal.set_defaults(run=cmd_heal)
 
     student = commands.add_parser("student", help="write the student version of an exercise "
                                   "notebook: solutions replaced by stubs, outputs stripped")

@@ -10,6 +10,9 @@ saved by ``save_pretrained`` with ``config.json`` and read back by plain
   (:mod:`shortgpt_lite.wanda`);
 * ``config.shortgpt_lite_context``: the neurons and tokens context pruning removed
   (:mod:`shortgpt_lite.context`).
+
+Healing is not pruning, but a healed model documents it the same way, in
+``config.shortgpt_lite_healing`` (:mod:`shortgpt_lite.heal`).
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from torch import nn
 
 from .layers import unwrap_model
 
-__all__ = ["CONTEXT_RECORD", "REMOVAL_RECORD", "SPARSITY_RECORD", "pruning_records"]
+__all__ = ["CONTEXT_RECORD", "HEALING_RECORD", "REMOVAL_RECORD", "SPARSITY_RECORD",
+           "pruning_records"]
 
 REMOVAL_RECORD = "shortgpt_lite"
 SPARSITY_RECORD = "shortgpt_lite_sparsity"
 CONTEXT_RECORD = "shortgpt_lite_context"
+HEALING_RECORD = "shortgpt_lite_healing"
 
 
 def pruning_records(model: nn.Module) -> dict[str, dict]:

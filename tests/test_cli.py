@@ -62,3 +62,32 @@ def test_prune_writes_a_loadable_model(tmp_path, capsys):
     record = model.config.shortgpt_lite
     assert len(record["removed_layers"]) == 8 and record["steps"][0]["metric"] == "bi"
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+
+
+def test_heal_needs_exactly_one_budget(tmp_path):
+    with pytest.raises(SystemExit, match="one budget"):
+        main(["heal", "--model", "smollm2-135m", "--out", str(tmp_path / "healed")])
+    with pytest.raises(SystemExit, match="one budget"):
+        main(["heal", "--model", "smollm2-135m", "--steps", "2", "--minutes", "1",
+              "--out", str(tmp_path / "healed")])
+
+
+@pytest.mark.slow
+def test_heal_writes_a_healed_model_that_reloads_with_its_record(tmp_path, capsys):
+    pruned, healed = tmp_path / "pruned", tmp_path / "healed"
+    main(["prune", "--model", "smollm2-135m", "--tokens", "512", "--seq-len", "128",
+          "--remove", "8", "--device", "cpu", "--out", str(pruned), "--no-progress"])
+    with pytest.raises(SystemExit, match="another tokenizer"):
+        main(["heal", "--model", str(pruned), "--teacher", "gemma3-270m", "--method", "bridge",
+              "--steps", "2", "--device", "cpu", "--out", str(healed)])
+    main(["heal", "--model", str(pruned), "--teacher", "smollm2-135m", "--method", "bridge",
+          "--steps", "2", "--tokens", "1024", "--seq-len", "128", "--eval-tokens", "256",
+          "--device", "cpu", "--out", str(healed), "--no-progress"])
+    out = capsys.readouterr().out
+    assert "healed" in out and "2 steps" in out and "held-out wikipedia perplexity" in out
+    model = T.AutoModelForCausalLM.from_pretrained(healed)
+    assert model.config.num_hidden_layers == 22
+    record = model.config.shortgpt_lite_healing
+    assert record["method"] == "bridge" and record["steps"] == 2
+    assert record["teacher"] == "smollm2-135m" and record["tokens"] == 2 * 4 * 128
+    assert len(model.config.shortgpt_lite["removed_layers"]) == 8
