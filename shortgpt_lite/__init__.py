@@ -32,8 +32,9 @@ from .layers import decoder_layers
 from .records import pruning_records
 from .removal import remove_layers
 
-# After removal: healing
+# After removal: healing, and ShortGPT-gen's generation mode
 from .heal import heal, healing_record
+from .shortgpt_gen import shortgpt_gen
 
 # Models larger than memory: streamed scoring, pruning on disk, conformance of the result
 from .checkpoint import prune_checkpoint
@@ -62,6 +63,7 @@ from .evaluate import (
     GENERATION_PROMPTS,
     binomial_ci,
     bootstrap_interval,
+    decoded_accuracy,
     evaluate_choices,
     evaluate_suite,
     generation_samples,
@@ -131,8 +133,8 @@ __all__ = [
     # importance, plans and removal
     "METRICS", "decoder_layers", "input_device", "iter_batches", "layer_importance",
     "layers_to_remove", "pruning_records", "removal_curve", "remove_layers", "skip_layer",
-    # healing after removal
-    "heal", "healing_record",
+    # healing after removal, ShortGPT-gen
+    "heal", "healing_record", "shortgpt_gen",
     # models larger than memory
     "check_model", "prune_checkpoint", "streamed_layer_statistics", "streamed_wanda",
     # reference runs
@@ -141,6 +143,7 @@ __all__ = [
     "perplexity_ratio", "rank_table", "reference", "speed_table", "variant_table",
     # evaluation and cost
     "DEFAULT_SUITE", "GENERATION_PROMPTS", "binomial_ci", "bootstrap_interval", "cost",
+    "decoded_accuracy",
     "evaluate_choices", "evaluate_suite", "generation_samples", "loglikelihoods",
     "param_breakdown", "param_counts", "perplexity", "prefill_and_decode", "score_items", "serialized_bytes",
     "text_perplexity",

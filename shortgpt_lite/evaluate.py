@@ -11,6 +11,9 @@ it measures:
 * ``evaluate_choices`` / ``evaluate_suite``: zero-shot multiple choice scored by
   log-likelihood, with ``acc`` and ``acc_norm`` as lm-evaluation-harness (Gao et al.,
   2023) defines them, so the figures can be set next to published ones.
+* ``decoded_accuracy``: LAMBADA's last word, read as a prompt and then decoded token by
+  token with a KV cache, the way generation runs; the probe for ShortGPT-gen, whose
+  prefill and decoding run different layers.
 * ``generation_samples``: greedy continuations of fixed prompts. ShortGPT (Men et al.,
   2024, Section 4) reports that generative tasks collapse after layer removal (XSum
   19.4 -> 0.67 on Llama-2-7B); these samples let a chapter show it.
@@ -37,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .costs import synchronize
 from .data import Item, adds_bos, load_benchmark, load_text, token_windows
-from .inputs import check_token_ids, input_device, max_positions, vocab_rows
+from .inputs import cache_keyword, check_token_ids, input_device, max_positions, vocab_rows
 from .layers import replaced_forward, text_config, unwrap_model
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "GENERATION_PROMPTS",
     "binomial_ci",
     "bootstrap_interval",
+    "decoded_accuracy",
     "evaluate_choices",
     "evaluate_suite",
     "generation_samples",
@@ -660,6 +664,42 @@ def evaluate_suite(model, tokenizer, tasks: Mapping[str, int | None] | None = No
 
 
 # ---------------------------------------------------------------------------- generation
+
+
+def decoded_accuracy(model, tokenizer, items: Sequence[Item], progress: bool = True) -> dict:
+    """Greedy accuracy on LAMBADA-style items (``item.greedy``), computed as generation
+    computes it: the context is read in one forward pass that fills the KV cache and
+    predicts the first target token, then each later target token must be the greedy
+    choice of a one-token decoding step fed the target token before it.
+
+    For a plain model this is lm-evaluation-harness's greedy check up to float rounding;
+    for :func:`shortgpt_lite.shortgpt_gen.shortgpt_gen` it is not, since only the first
+    prediction comes from the pruned prefill and the steps after it run every layer.
+    Returns ``acc`` with its Wilson interval, ``first_token_acc`` (the prefill's
+    prediction alone), ``n`` and ``correct``, a per-item bool array for paired comparisons.
+    """
+    _check_items(items)
+    if not all(item.greedy for item in items):
+        raise ValueError("decoded_accuracy scores greedy items (LAMBADA); load them with "
+                         "load_benchmark('lambada', n).")
+    _check_tokenizer(model, tokenizer)
+    device, cache = input_device(model), cache_keyword(model)
+    correct, first = [], []
+    with torch.inference_mode():
+        for item in tqdm(items, desc="decoding", disable=not progress):
+            context, target = _encode_requests(tokenizer, item.requests)[0]
+            out = model(input_ids=torch.tensor([context], device=device), use_cache=True)
+            hits = [int(out.logits[0, -1].argmax()) == target[0]]
+            for previous, wanted in zip(target, target[1:]):
+                out = model(input_ids=torch.tensor([[previous]], device=device),
+                            use_cache=True, **{cache: out[cache]})
+                hits.append(int(out.logits[0, -1].argmax()) == wanted)
+            correct.append(all(hits))
+            first.append(hits[0])
+    correct = np.array(correct)
+    low, high = binomial_ci(int(correct.sum()), len(correct))
+    return {"acc": float(correct.mean()), "acc_ci_low": low, "acc_ci_high": high,
+            "first_token_acc": float(np.mean(first)), "n": len(correct), "correct": correct}
 
 
 def generation_samples(model, tokenizer, prompts: Sequence[str] = GENERATION_PROMPTS,

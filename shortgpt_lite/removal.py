@@ -27,7 +27,7 @@ from torch import nn
 from .layers import decoder_layers, decoder_layers_path, unwrap_model
 from .records import REMOVAL_RECORD
 
-__all__ = ["prune_config", "remove_layers"]
+__all__ = ["check_layers", "prune_config", "remove_layers"]
 
 # Config lists whose length may equal the number of layers without being per-layer.
 _NOT_PER_LAYER = {"architectures"}
@@ -37,7 +37,9 @@ _INDEX_LISTS = ("mlp_only_layers",)
 _BOUNDARIES = ("max_window_layers",)
 
 
-def _check_layers(layers, n: int) -> list[int]:
+def check_layers(layers, n: int) -> list[int]:
+    """``layers`` as sorted, distinct indices of a model of ``n`` layers that leave at least
+    one, or ``ValueError`` saying what is wrong."""
     if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
         raise ValueError(f"layers must be a list of layer indices, got {layers!r}.")
     if isinstance(layers, torch.Tensor):
@@ -116,7 +118,7 @@ def _record(config, removed: list[int], n: int, scores, metric) -> None:
 
 def _check_plan(config, layers, n: int, scores) -> tuple[list[int], list[float] | None]:
     """The sorted layers to remove and the scores as floats, or ``ValueError``."""
-    removed = _check_layers(layers, n)
+    removed = check_layers(layers, n)
     if scores is not None:
         scores = torch.as_tensor(scores).flatten().tolist()
         if len(scores) != n:

@@ -14,8 +14,10 @@ import shortgpt_lite
 from shortgpt_lite.bench import BENCHES
 
 # The benchmarks the command line offered when it was one module, bench.py, and the
-# shared-prefix sweep and the timing protocols.
-NAMES = ("load", "bi", "eval", "cost", "wanda", "context", "prefix", "timing")
+# shared-prefix sweep, the timing protocols, streaming, data-parallel scoring, healing and
+# ShortGPT-gen.
+NAMES = ("load", "bi", "eval", "cost", "wanda", "context", "prefix", "timing", "stream",
+         "distributed", "heal", "gen")
 PACKAGE = Path(shortgpt_lite.__file__).parent
 
 

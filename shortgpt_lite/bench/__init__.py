@@ -5,7 +5,7 @@ that can be pasted into the README together with the machine it ran on.
 """
 
 from ..provenance import machine
-from . import bi, context, cost, distributed, eval, load, prefix, stream, timing, wanda  # noqa: F401 (each registers its benchmark)
+from . import bi, context, cost, distributed, eval, gen, heal, load, prefix, stream, timing, wanda  # noqa: F401 (each registers its benchmark)
 from .common import BENCHES, benchmark
 
 __all__ = ["BENCHES", "benchmark", "machine"]
