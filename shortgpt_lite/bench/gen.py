@@ -41,7 +41,8 @@ def bench_gen(args) -> None:
     acc = {name: decoded_accuracy(m, tokenizer, items, progress=False)
            for name, m in models.items()}
     print(f"prompt of {args.seq_len} tokens, 32 decoded tokens, {args.repeats} interleaved "
-          f"repeats: fastest, and spread; LAMBADA decoded on {len(items)} items")
+          f"repeats, the fastest of each; LAMBADA decoded on {len(items)} items, paired "
+          "95% intervals against removal")
     rows = []
     for name in models:
         r = acc[name]
