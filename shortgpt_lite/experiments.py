@@ -48,6 +48,7 @@ from .evaluate import (
     perplexity,
     score_items,
 )
+from .heal import heal
 from .hooks import layer_statistics
 from .importance import layer_importance, layers_to_remove
 from .layers import decoder_layers
@@ -157,14 +158,20 @@ class Experiment:
     check: Callable = field(repr=False)
     defaults: dict = field(default_factory=dict)
     tables: tuple[str, ...] = ()
+    validate: Callable | None = field(default=None, repr=False)
 
     def params(self, overrides: dict) -> dict:
+        """The defaults with ``overrides``; ``ValueError`` for an unknown parameter or a
+        combination ``validate`` refuses, before anything is computed or written."""
         unknown = sorted(set(overrides) - set(self.defaults))
         if unknown:
             raise ValueError(f"Experiment {self.name!r} has no parameter {', '.join(unknown)}. "
                              f"Its parameters: {', '.join(self.defaults)}.")
         merged = {**self.defaults, **overrides}
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in merged.items()}
+        merged = {k: list(v) if isinstance(v, tuple) else v for k, v in merged.items()}
+        if self.validate is not None:
+            self.validate(merged)
+        return merged
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
@@ -762,6 +769,129 @@ EXPERIMENTS["costs"] = Experiment(
               "calibration_windows": 32, "prompt_tokens": 512, "decode_tokens": 32,
               "repeats": 7},
     tables=("variants", "timings"))
+
+# --------------------------------------------------------------- the healing experiment
+#
+# The paper's share of the layers removed by each plan, then healed on calibration text:
+# the first plan by every recipe, every other plan by the first recipe, each recipe for
+# its own number of steps (a step of distillation costs twice one of LoRA, one of bridging
+# a tenth), with the same seed, windows and batch size. Perplexity on every evaluation
+# window before healing and at ``checkpoints`` evenly spaced steps, with the healing
+# seconds spent so far; per-item accuracy before and after. A run's rows are written when
+# it ends, so an interrupted experiment resumes at the first run without rows.
+
+
+def _healing_runs(p) -> list[tuple[str, str, int]]:
+    """``(plan ordering, recipe, steps)`` of every run, in order."""
+    first, *others = p["plans"]
+    steps = dict(zip(p["recipes"], p["steps"]))
+    return [(first, r, steps[r]) for r in p["recipes"]] + \
+        [(o, p["recipes"][0], steps[p["recipes"][0]]) for o in others]
+
+
+def _check_healing_params(p) -> None:
+    if len(p["steps"]) != len(p["recipes"]):
+        raise ValueError(f"steps gives {len(p['steps'])} budgets for {len(p['recipes'])} "
+                         "recipes; give one number of steps per recipe.")
+    for recipe, steps in zip(p["recipes"], p["steps"]):
+        if steps < 1 or steps % p["checkpoints"]:
+            raise ValueError(f"{recipe}: {steps} steps cannot be cut into {p['checkpoints']} "
+                             "equal checkpoints; use a multiple of checkpoints.")
+
+
+def _healing_data(tokenizer, p):
+    train = token_windows(tokenizer, load_text(p["corpus"], "calibration"), p["seq_len"],
+                          p["train_windows"])
+    return train, *_removal_data(tokenizer, p)
+
+
+def _first(columns, rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with ``columns`` first, so that appended row groups line up."""
+    return rows[list(columns) + [c for c in rows.columns if c not in columns]]
+
+
+def _compute_healing(model, tokenizer, store, progress, **p) -> None:
+    k = round(PAPER_SHARE * len(decoder_layers(model)))
+    train, cal, ev, items, tasks = _healing_data(tokenizer, p)
+    if store.read("scores") is None:
+        store.append("scores", _removal_scores(model, cal, p["plans"], k, progress))
+    scores, bs = store.read("scores"), p["batch_size"]
+    if "dense" not in store.done("ppl", "run"):
+        store.append("items", _first(("run", "step"), _item_rows(
+            model, tokenizer, items, tasks, "", bs).assign(run="dense", step=0)))
+        store.append("ppl", _first(("run", "step", "seconds"), _ppl_rows(
+            model, ev, "", bs).assign(run="dense", step=0, seconds=0.0)))
+    before, done = {}, store.done("runs", "run")
+    for ordering, recipe, steps in tqdm(_healing_runs(p), desc="healing runs", unit="run",
+                                        disable=not progress):
+        name = f"{ordering}/{recipe}"
+        if name in done:
+            continue
+        plan = removal_plan(scores, ordering, k)
+        text = _plan_text(plan)
+        pruned = remove_layers(model, plan)
+        if text not in before:
+            before[text] = (_ppl_rows(pruned, ev, text, bs).assign(step=0, seconds=0.0),
+                            _item_rows(pruned, tokenizer, items, tasks, text, bs).assign(step=0))
+        ppl, curve = [before[text][0]], []
+
+        def checkpoint(m, step, seconds, loss, text=text, ppl=ppl, curve=curve):
+            ppl.append(_ppl_rows(m, ev, text, bs).assign(step=step, seconds=seconds))
+            curve.append({"step": step, "seconds": seconds, "loss": loss})
+
+        healed = heal(pruned, train, teacher=model, method=recipe, steps=steps,
+                      seed=p["seed"], batch_size=p["heal_batch_size"],
+                      every=steps // p["checkpoints"], on_checkpoint=checkpoint, progress=False)
+        after = _item_rows(healed, tokenizer, items, tasks, text, bs).assign(step=steps)
+        store.append("ppl", _first(("run", "step", "seconds"), pd.concat(ppl).assign(run=name)))
+        store.append("items", _first(("run", "step"),
+                                     pd.concat([before[text][1], after]).assign(run=name)))
+        store.append("runs", pd.DataFrame(curve).assign(run=name, ordering=ordering,
+                                                        recipe=recipe, removed=text))
+        del pruned, healed
+
+
+def _check_healing(model, tokenizer, result: Result, windows: int = 2) -> list[str]:
+    """Recompute a slice: the plans from the stored scores, and the unpruned model and
+    every plan before healing on the first ``windows`` windows; and that every run has
+    every window at every checkpoint. Training is not redone (minutes per run)."""
+    p, problems = result.params, []
+    k = round(PAPER_SHARE * len(decoder_layers(model)))
+    _, _, ev, _, _ = _healing_data(tokenizer, p)
+    ppl, runs = result["ppl"], result["runs"]
+    for name, stored in runs.groupby("run"):
+        ordering = stored["ordering"].iloc[0]
+        plan = removal_plan(result["scores"], ordering, k)
+        if _plan_text(plan) != stored["removed"].iloc[0]:
+            problems.append(f"{name}: the stored plan does not follow from the stored scores")
+        rows = ppl[ppl["run"] == name]
+        if rows.groupby("step").size().ne(p["eval_windows"]).any() or \
+                rows["step"].nunique() != p["checkpoints"] + 1:
+            problems.append(f"{name}: perplexity rows missing at some checkpoint")
+    for name, plan in [("dense", [])] + [
+            (n, _plan_layers(g["removed"].iloc[0])) for n, g in runs.groupby("run")]:
+        m = remove_layers(model, plan) if plan else model
+        got = _ppl_rows(m, ev[:windows], "", p["batch_size"])["nll"].to_numpy()
+        want = ppl[(ppl["run"] == name) & (ppl["step"] == 0)].set_index("window")["nll"]
+        diff = np.abs(got - want.loc[range(windows)].to_numpy())
+        if not (diff < 5e-3).all():
+            problems.append(f"{name}: window NLL before healing moved by up to {diff.max():.3g}")
+    return problems
+
+
+EXPERIMENTS["healing"] = Experiment(
+    "healing",
+    "Healing after removal: the paper's share of the layers removed by each plan, healed "
+    "by each recipe on calibration text; perplexity per evaluation window at evenly spaced "
+    "steps with the seconds spent, per-item accuracy before and after",
+    _compute_healing, _check_healing,
+    defaults={"corpus": "wikipedia", "seq_len": 256, "calibration_windows": 32,
+              "train_windows": 128, "eval_windows": 64, "plans": ["bi", "reverse", "random:0"],
+              "recipes": ["lora", "distill+lora", "bridge"], "steps": [80, 40, 600],
+              "checkpoints": 4, "heal_batch_size": 4, "seed": 0,
+              "tasks": ["piqa", "hellaswag", "winogrande", "arc_easy"], "n_items": 200,
+              "item_seed": 0, "batch_size": 16},
+    tables=("scores", "runs", "ppl", "items"), validate=_check_healing_params)
 
 # The runs stored in results/, regenerated by `make results` within 90 minutes on two CPU
 # cores. Both removal runs stop at the paper's share of the depth (9/32: 8 of SmolLM2's 30

@@ -259,7 +259,7 @@ def heal(pruned: nn.Module, windows: torch.Tensor, teacher: nn.Module | None = N
          method: str = "lora", *, steps: int | None = None, minutes: float | None = None,
          seed: int = 0, lr: float | None = None, rank: int = 16, batch_size: int = 4,
          temperature: float = 1.0, teacher_name: str | None = None,
-         progress: bool = True) -> nn.Module:
+         every: int | None = None, on_checkpoint=None, progress: bool = True) -> nn.Module:
     """Train a copy of ``pruned`` on ``windows`` (``[n, seq_len]`` calibration tokens)
     by ``method`` (see the module docstring) and return it as a plain model.
 
@@ -271,6 +271,10 @@ def heal(pruned: nn.Module, windows: torch.Tensor, teacher: nn.Module | None = N
     the method, the steps and tokens trained, the seconds taken, the first and last
     batch loss, the teacher (``teacher_name``, else its ``name_or_path``) and the
     settings; for ``bridge`` also which teacher blocks each bridging block stands for.
+
+    ``on_checkpoint(model, steps, seconds, loss)`` is called after every ``every`` steps
+    with the model as it stands (in eval mode, adapters not yet merged): a recovery curve
+    measures it there. Its own time counts neither towards ``seconds`` nor the budget.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown healing method {method!r}. Choose one of: "
@@ -289,9 +293,9 @@ def heal(pruned: nn.Module, windows: torch.Tensor, teacher: nn.Module | None = N
     batches = _batches(len(windows), batch_size, seed)
     segments = None
     if method == "bridge":
-        segments = bridge_segments(_removed_layers(model, teacher), len(decoder_layers(teacher)))
-        kept = [i for i in range(len(decoder_layers(teacher)))
-                if i not in _removed_layers(model, teacher)]
+        removed, n = _removed_layers(model, teacher), len(decoder_layers(teacher))
+        segments = bridge_segments(removed, n)
+        kept = [i for i in range(n) if i not in removed]
         student_blocks = {j: decoder_layers(model)[kept.index(j)] for j in segments}
         trained = _freeze_all_but(model, student_blocks.values())
         states = _teacher_states(teacher, windows, batches, segments, progress)
@@ -342,6 +346,12 @@ def heal(pruned: nn.Module, windows: torch.Tensor, teacher: nn.Module | None = N
         tokens += int(batches[batch_no].numel() * windows.shape[1])
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if on_checkpoint is not None and every and done % every == 0:
+            paused = time.perf_counter()
+            model.eval()
+            on_checkpoint(model, done, paused - t0, losses[-1])
+            model.train()
+            t0 += time.perf_counter() - paused  # the checkpoint's time is not healing's
         if done == steps or (minutes is not None and time.perf_counter() - t0 >= 60 * minutes):
             break
     bar.close()

@@ -312,3 +312,43 @@ def test_an_interrupted_comparison_resumes_without_repeating_rows(tiny, isolated
         a = resumed[table].sort_values(list(resumed[table].columns[:3])).reset_index(drop=True)
         b = fresh[table].sort_values(list(fresh[table].columns[:3])).reset_index(drop=True)
         pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6)
+
+
+HEALING = {"seq_len": 32, "calibration_windows": 2, "train_windows": 8, "eval_windows": 3,
+           "plans": ["bi", "reverse"], "recipes": ["lora", "bridge"], "steps": [4, 2],
+           "checkpoints": 2, "heal_batch_size": 2, "tasks": ["piqa"], "n_items": 3,
+           "batch_size": 4}
+
+
+def test_healing_records_a_recovery_curve_per_run_on_the_same_units(tiny, isolated):
+    r = ex.run("healing", "tiny", out=isolated / "stored", loaded=tiny, progress=False,
+               **HEALING)
+    runs = r["runs"]
+    # the first plan by every recipe, the other plan by the first recipe
+    assert list(dict.fromkeys(runs["run"])) == ["bi/lora", "bi/bridge", "reverse/lora"]
+    assert runs.groupby("run")["step"].apply(list).to_dict() == {
+        "bi/lora": [2, 4], "bi/bridge": [1, 2], "reverse/lora": [2, 4]}
+    assert (runs.groupby("run")["seconds"].diff().dropna() > 0).all()
+    assert runs[runs["ordering"] == "reverse"]["removed"].iloc[0] == "4"  # the last block
+    ppl = r["ppl"]
+    assert ppl.groupby(["run", "step"]).size().eq(3).all()
+    assert set(ppl[ppl["run"] == "bi/lora"]["step"]) == {0, 2, 4}
+    # both recipes start from the same pruned model, and training moves it
+    first = ppl[ppl["step"] == 0].pivot(index="window", columns="run", values="nll")
+    assert (first["bi/lora"] == first["bi/bridge"]).all()
+    assert not (first["bi/lora"] == first["dense"]).all()
+    end = ppl[(ppl["run"] == "bi/lora") & (ppl["step"] == 4)]["nll"].to_numpy()
+    assert not np.allclose(end, first["bi/lora"].to_numpy())
+    items = r["items"]
+    assert items.groupby(["run", "step"]).size().eq(3).all()
+    assert set(items[items["run"] == "bi/bridge"]["step"]) == {0, 2}
+    assert ex.check(r, loaded=tiny) == []
+    stale = ex.load_result(r.path)
+    stale["ppl"].loc[stale["ppl"]["step"] == 0, "nll"] += 0.01
+    assert any("before healing moved" in p for p in ex.check(stale, loaded=tiny))
+    with pytest.raises(ValueError, match="one number of steps per recipe"):
+        ex.run("healing", "tiny", out=isolated / "other", loaded=tiny, progress=False,
+               **{**HEALING, "steps": [4]})
+    with pytest.raises(ValueError, match="multiple of checkpoints"):
+        ex.run("healing", "tiny", out=isolated / "other", loaded=tiny, progress=False,
+               **{**HEALING, "steps": [3, 2]})
