@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from tiny import tiny_llama, tiny_model
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from shortgpt_lite.removal import remove_layers
 from shortgpt_lite.shortgpt_gen import shortgpt_gen
+from tiny import tiny_llama, tiny_model
 
 IDS = torch.randint(128, (2, 12), generator=torch.Generator().manual_seed(0))
 
