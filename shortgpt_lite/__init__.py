@@ -33,8 +33,8 @@ from .records import pruning_records
 from .removal import remove_layers
 
 # After removal: healing, and ShortGPT-gen's generation mode
-from .heal import heal, healing_record
-from .shortgpt_gen import shortgpt_gen
+from .healing import heal, healing_record
+from .generation import shortgpt_gen
 
 # Models larger than memory: streamed scoring, pruning on disk, conformance of the result
 from .checkpoint import prune_checkpoint

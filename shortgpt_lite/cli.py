@@ -20,7 +20,7 @@ never in memory whole: scores come one decoder block at a time
 scores its share of the windows and the sums are all-reduced. ``check`` runs the
 conformance checks of :mod:`shortgpt_lite.conformance` on a saved model, prints a table
 and exits non-zero when one fails. ``heal`` trains a pruned model on calibration text by one
-of the recipes of :mod:`shortgpt_lite.heal`, prints its held-out perplexity before and
+of the recipes of :mod:`shortgpt_lite.healing`, prints its held-out perplexity before and
 after, and writes the healed model. ``student`` replaces the
 marked solutions of an exercise notebook with stubs and strips its outputs
 (see :mod:`shortgpt_lite.course`). ``experiment`` computes a reference run with its
@@ -231,7 +231,7 @@ def cmd_heal(args) -> None:
 
     from .data import load_text, token_windows
     from .evaluate import perplexity
-    from .heal import heal
+    from .healing import heal
     from .models import load_model
 
     out = Path(args.out)
@@ -353,7 +353,7 @@ def main(argv=None) -> None:
     check.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
     check.set_defaults(run=cmd_check)
 
-    from .heal import METHODS
+    from .healing import METHODS
 
     heal = commands.add_parser("heal", help="train a pruned model to recover what pruning lost, "
                                "and save it")

@@ -673,7 +673,7 @@ def decoded_accuracy(model, tokenizer, items: Sequence[Item], progress: bool = T
     choice of a one-token decoding step fed the target token before it.
 
     For a plain model this is lm-evaluation-harness's greedy check up to float rounding;
-    for :func:`shortgpt_lite.shortgpt_gen.shortgpt_gen` it is not, since only the first
+    for :func:`shortgpt_lite.generation.shortgpt_gen` it is not, since only the first
     prediction comes from the pruned prefill and the steps after it run every layer.
     Returns ``acc`` with its Wilson interval, ``first_token_acc`` (the prefill's
     prediction alone), ``n`` and ``correct``, a per-item bool array for paired comparisons.

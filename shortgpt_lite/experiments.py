@@ -48,7 +48,7 @@ from .evaluate import (
     perplexity,
     score_items,
 )
-from .heal import heal
+from .healing import heal
 from .hooks import layer_statistics
 from .importance import layer_importance, layers_to_remove
 from .layers import decoder_layers

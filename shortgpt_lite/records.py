@@ -12,7 +12,7 @@ saved by ``save_pretrained`` with ``config.json`` and read back by plain
   (:mod:`shortgpt_lite.context`).
 
 Healing is not pruning, but a healed model documents it the same way, in
-``config.shortgpt_lite_healing`` (:mod:`shortgpt_lite.heal`).
+``config.shortgpt_lite_healing`` (:mod:`shortgpt_lite.healing`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Healing after layer removal (shortgpt_lite.heal): each recipe lowers its own loss on
+"""Healing after layer removal (shortgpt_lite.healing): each recipe lowers its own loss on
 held-out windows, the result is a plain model that reloads with equal logits and
 documents how it was healed, a fixed seed gives the same weights, and bad input is
 refused with a message."""
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from shortgpt_lite.heal import METHODS, bridge_segments, distillation_loss, heal, lm_loss
+from shortgpt_lite.healing import METHODS, bridge_segments, distillation_loss, heal, lm_loss
 from shortgpt_lite.records import HEALING_RECORD, REMOVAL_RECORD
 from shortgpt_lite.removal import remove_layers
 from tiny import tiny_llama, tiny_model
@@ -130,7 +130,7 @@ def test_bridge_on_gemma3_uses_each_blocks_own_attention_type():
     assert getattr(healed.config, HEALING_RECORD)["bridges"] == {"3": [3, 5]}
     # the recorded call of block 3 is the one it gets inside the pruned model: with the
     # block's weights unchanged, one bridging step from the teacher's state is exact
-    from shortgpt_lite.heal import _teacher_states
+    from shortgpt_lite.healing import _teacher_states
     states = _teacher_states(teacher, ids, [torch.arange(4)], {3: (3, 3)}, False)
     x, target, (args, kwargs) = states[0][3]
     out = pruned.model.layers[3](x, *args, **kwargs)
@@ -179,9 +179,7 @@ def test_bridge_needs_the_record_and_the_right_teacher(teacher):
 def test_logits_in_chunks_give_the_gradient_of_the_whole_batch(teacher, monkeypatch):
     """A large vocabulary is trained a few windows at a time, gradients summed: the same
     step as the whole batch at once, up to float rounding."""
-    import importlib
-
-    heal_module = importlib.import_module("shortgpt_lite.heal")  # the attribute is the function
+    import shortgpt_lite.healing as heal_module
 
     pruned = remove_layers(teacher, [2, 3])
     whole = heal(pruned, TRAIN, teacher=teacher, method="distill", steps=2, lr=1e-2,

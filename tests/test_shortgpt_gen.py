@@ -1,4 +1,4 @@
-"""ShortGPT-gen (shortgpt_lite.shortgpt_gen): the listed layers are identities while a
+"""ShortGPT-gen (shortgpt_lite.generation): the listed layers are identities while a
 prompt is read, cache their prompt keys and values from a projection only (unrotated,
 as the authors' code does, or rotated on request), and run in full while decoding."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from shortgpt_lite.generation import shortgpt_gen
 from shortgpt_lite.removal import remove_layers
-from shortgpt_lite.shortgpt_gen import shortgpt_gen
 from tiny import tiny_llama, tiny_model
 
 IDS = torch.randint(128, (2, 12), generator=torch.Generator().manual_seed(0))

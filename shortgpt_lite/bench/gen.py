@@ -15,11 +15,11 @@ from ..costs import speed_runs, summarise_speeds
 from ..data import load_benchmark
 from ..evaluate import decoded_accuracy
 from ..experiments import paired_difference
+from ..generation import shortgpt_gen
 from ..importance import layer_importance, layers_to_remove
 from ..layers import decoder_layers
 from ..provenance import machine
 from ..removal import remove_layers
-from ..shortgpt_gen import shortgpt_gen
 from .common import benchmark, model_and_windows
 
 

@@ -15,7 +15,7 @@ import statistics
 
 import torch
 
-from ..heal import METHODS, heal, lm_loss
+from ..healing import METHODS, heal, lm_loss
 from ..importance import layer_importance, layers_to_remove
 from ..inputs import input_device
 from ..layers import decoder_layers

@@ -59,7 +59,7 @@ from .inputs import input_device, vocab_rows
 from .layers import decoder_layers, unwrap_model
 from .records import HEALING_RECORD, REMOVAL_RECORD
 
-__all__ = ["METHODS", "bridge_segments", "heal", "healing_record"]
+__all__ = ["METHODS", "bridge_segments", "distillation_loss", "heal", "healing_record", "lm_loss"]
 
 METHODS = ("lora", "distill", "distill+lora", "bridge")
 _LR = {"lora": 2e-4, "distill": 2e-5, "distill+lora": 2e-4, "bridge": 1e-3}
