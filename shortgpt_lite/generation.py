@@ -25,8 +25,8 @@ from __future__ import annotations
 import copy
 import types
 
-import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .layers import decoder_layers, text_config, unwrap_model
 from .removal import check_layers
@@ -36,15 +36,6 @@ __all__ = ["SUPPORTED", "shortgpt_gen"]
 # Blocks with input_layernorm, self_attn.{k,v}_proj and rotary embeddings applied in
 # attention, as the authors' Llama code assumes.
 SUPPORTED = ("llama", "mistral", "qwen2")
-
-
-def _rotate(keys: torch.Tensor, position_embeddings) -> torch.Tensor:
-    """Rotary position embedding of ``keys`` [batch, heads, T, head_dim], as Llama's
-    attention applies it (Su et al. 2021): k cos + rotate_half(k) sin."""
-    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-    half = keys.shape[-1] // 2
-    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
-    return keys * cos + rotated * sin
 
 
 def _prefill_skip(block: nn.Module, hidden_states, *args, **kwargs):
@@ -59,8 +50,8 @@ def _prefill_skip(block: nn.Module, hidden_states, *args, **kwargs):
         x = block.input_layernorm(hidden_states)
         keys = attn.k_proj(x).view(shape).transpose(1, 2)
         values = attn.v_proj(x).view(shape).transpose(1, 2)
-        if block.rotate_prompt_keys:
-            keys = _rotate(keys, kwargs["position_embeddings"])
+        if block.rotate_prompt_keys:  # as the block's own attention would
+            _, keys = apply_rotary_pos_emb(keys, keys, *kwargs["position_embeddings"])
         cache.update(keys, values, attn.layer_idx)
     return hidden_states
 

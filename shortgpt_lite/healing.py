@@ -55,6 +55,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import check_windows
+from .evaluate import token_nll
 from .inputs import input_device, vocab_rows
 from .layers import decoder_layers, unwrap_model
 from .records import HEALING_RECORD, REMOVAL_RECORD
@@ -165,9 +166,8 @@ def _logits(model, ids):
 
 def lm_loss(model, ids) -> torch.Tensor:
     """Mean next-token cross-entropy of ``model`` on the windows ``ids``."""
-    logits = _logits(model, ids)[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                           ids[:, 1:].reshape(-1).to(logits.device))
+    logits = _logits(model, ids)
+    return token_nll(logits[:, :-1], ids[:, 1:].to(logits.device)).mean()
 
 
 def distillation_loss(student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
