@@ -774,19 +774,24 @@ EXPERIMENTS["costs"] = Experiment(
 #
 # The paper's share of the layers removed by each plan, then healed on calibration text:
 # the first plan by every recipe, every other plan by the first recipe, each recipe for
-# its own number of steps (a step of distillation costs twice one of LoRA, one of bridging
-# a tenth), with the same seed, windows and batch size. Perplexity on every evaluation
-# window before healing and at ``checkpoints`` evenly spaced steps, with the healing
-# seconds spent so far; per-item accuracy before and after. A run's rows are written when
-# it ends, so an interrupted experiment resumes at the first run without rows.
+# its own number of steps (about the same CPU time each: a step of distillation costs
+# twice one of LoRA, one of bridging an eighth), with the same seed, windows and batch
+# size. ``width`` adds width-pruned models with as many parameters removed as the first
+# plan removes, healed by the first recipe with their zeros kept: Part II's comparison
+# after healing. Perplexity on every evaluation window before healing and at
+# ``checkpoints`` evenly spaced steps, with the healing seconds spent so far; per-item
+# accuracy before and after. A run's rows are written when it ends, so an interrupted
+# experiment resumes at the first run without rows.
 
 
 def _healing_runs(p) -> list[tuple[str, str, int]]:
-    """``(plan ordering, recipe, steps)`` of every run, in order."""
+    """``(plan, recipe, steps)`` of every run, in order: a plan is a removal ordering or
+    a width method of ``p["width"]``."""
     first, *others = p["plans"]
     steps = dict(zip(p["recipes"], p["steps"]))
+    lead = p["recipes"][0]
     return [(first, r, steps[r]) for r in p["recipes"]] + \
-        [(o, p["recipes"][0], steps[p["recipes"][0]]) for o in others]
+        [(o, lead, steps[lead]) for o in others + list(p["width"])]
 
 
 def _check_healing_params(p) -> None:
@@ -797,6 +802,9 @@ def _check_healing_params(p) -> None:
         if steps < 1 or steps % p["checkpoints"]:
             raise ValueError(f"{recipe}: {steps} steps cannot be cut into {p['checkpoints']} "
                              "equal checkpoints; use a multiple of checkpoints.")
+    if p["width"] and p["recipes"][0] == "bridge":
+        raise ValueError("Width-pruned models keep every layer, so there is no gap to bridge: "
+                         "put another recipe first, or give width=[].")
 
 
 def _healing_data(tokenizer, p):
@@ -808,6 +816,19 @@ def _healing_data(tokenizer, p):
 def _first(columns, rows: pd.DataFrame) -> pd.DataFrame:
     """``rows`` with ``columns`` first, so that appended row groups line up."""
     return rows[list(columns) + [c for c in rows.columns if c not in columns]]
+
+
+def _healing_model(model, scores, plan, cal, p):
+    """The model ``plan`` prunes, and its label: the removed layers of a removal plan, or
+    ``method@share`` for a width method at the first plan's share of the parameters."""
+    k = round(PAPER_SHARE * len(decoder_layers(model)))
+    if plan not in p["width"]:
+        layers = removal_plan(scores, plan, k)
+        return remove_layers(model, layers), _plan_text(layers)
+    first = remove_layers(model, removal_plan(scores, p["plans"][0], k))
+    share = 1 - param_counts(first)[0] / param_counts(model)[0]
+    pruned, _ = prune_to_budget(model, plan, share, windows=cal, progress=False)
+    return pruned.eval(), f"{plan}@{share:.4f}"
 
 
 def _compute_healing(model, tokenizer, store, progress, **p) -> None:
@@ -822,14 +843,12 @@ def _compute_healing(model, tokenizer, store, progress, **p) -> None:
         store.append("ppl", _first(("run", "step", "seconds"), _ppl_rows(
             model, ev, "", bs).assign(run="dense", step=0, seconds=0.0)))
     before, done = {}, store.done("runs", "run")
-    for ordering, recipe, steps in tqdm(_healing_runs(p), desc="healing runs", unit="run",
-                                        disable=not progress):
-        name = f"{ordering}/{recipe}"
+    for plan, recipe, steps in tqdm(_healing_runs(p), desc="healing runs", unit="run",
+                                    disable=not progress):
+        name = f"{plan}/{recipe}"
         if name in done:
             continue
-        plan = removal_plan(scores, ordering, k)
-        text = _plan_text(plan)
-        pruned = remove_layers(model, plan)
+        pruned, text = _healing_model(model, scores, plan, cal, p)
         if text not in before:
             before[text] = (_ppl_rows(pruned, ev, text, bs).assign(step=0, seconds=0.0),
                             _item_rows(pruned, tokenizer, items, tasks, text, bs).assign(step=0))
@@ -846,31 +865,32 @@ def _compute_healing(model, tokenizer, store, progress, **p) -> None:
         store.append("ppl", _first(("run", "step", "seconds"), pd.concat(ppl).assign(run=name)))
         store.append("items", _first(("run", "step"),
                                      pd.concat([before[text][1], after]).assign(run=name)))
-        store.append("runs", pd.DataFrame(curve).assign(run=name, ordering=ordering,
+        store.append("runs", pd.DataFrame(curve).assign(run=name, ordering=plan,
                                                         recipe=recipe, removed=text))
         del pruned, healed
 
 
 def _check_healing(model, tokenizer, result: Result, windows: int = 2) -> list[str]:
-    """Recompute a slice: the plans from the stored scores, and the unpruned model and
-    every plan before healing on the first ``windows`` windows; and that every run has
-    every window at every checkpoint. Training is not redone (minutes per run)."""
+    """Recompute a slice: the plans from the stored scores (and the width models' share),
+    and the unpruned model and every plan before healing on the first ``windows``
+    windows; and that every run has every window at every checkpoint. Training is not
+    redone (minutes per run)."""
     p, problems = result.params, []
-    k = round(PAPER_SHARE * len(decoder_layers(model)))
-    _, _, ev, _, _ = _healing_data(tokenizer, p)
+    _, cal, ev, _, _ = _healing_data(tokenizer, p)
     ppl, runs = result["ppl"], result["runs"]
+    models = {"dense": model}
     for name, stored in runs.groupby("run"):
-        ordering = stored["ordering"].iloc[0]
-        plan = removal_plan(result["scores"], ordering, k)
-        if _plan_text(plan) != stored["removed"].iloc[0]:
-            problems.append(f"{name}: the stored plan does not follow from the stored scores")
+        pruned, text = _healing_model(model, result["scores"], stored["ordering"].iloc[0],
+                                      cal, p)
+        if text != stored["removed"].iloc[0]:
+            problems.append(f"{name}: the stored plan {stored['removed'].iloc[0]} is not the "
+                            f"one the stored scores give, {text}")
         rows = ppl[ppl["run"] == name]
         if rows.groupby("step").size().ne(p["eval_windows"]).any() or \
                 rows["step"].nunique() != p["checkpoints"] + 1:
             problems.append(f"{name}: perplexity rows missing at some checkpoint")
-    for name, plan in [("dense", [])] + [
-            (n, _plan_layers(g["removed"].iloc[0])) for n, g in runs.groupby("run")]:
-        m = remove_layers(model, plan) if plan else model
+        models[name] = pruned
+    for name, m in models.items():
         got = _ppl_rows(m, ev[:windows], "", p["batch_size"])["nll"].to_numpy()
         want = ppl[(ppl["run"] == name) & (ppl["step"] == 0)].set_index("window")["nll"]
         diff = np.abs(got - want.loc[range(windows)].to_numpy())
@@ -881,15 +901,16 @@ def _check_healing(model, tokenizer, result: Result, windows: int = 2) -> list[s
 
 EXPERIMENTS["healing"] = Experiment(
     "healing",
-    "Healing after removal: the paper's share of the layers removed by each plan, healed "
-    "by each recipe on calibration text; perplexity per evaluation window at evenly spaced "
-    "steps with the seconds spent, per-item accuracy before and after",
+    "Healing after removal: the paper's share of the layers removed by each plan (and the "
+    "same share of parameters by each width method), healed by each recipe on calibration "
+    "text; perplexity per evaluation window at evenly spaced steps with the seconds spent, "
+    "per-item accuracy before and after",
     _compute_healing, _check_healing,
     defaults={"corpus": "wikipedia", "seq_len": 256, "calibration_windows": 32,
               "train_windows": 128, "eval_windows": 64, "plans": ["bi", "reverse", "random:0"],
-              "recipes": ["lora", "distill+lora", "bridge"], "steps": [80, 40, 600],
-              "checkpoints": 4, "heal_batch_size": 4, "seed": 0,
-              "tasks": ["piqa", "hellaswag", "winogrande", "arc_easy"], "n_items": 200,
+              "width": ["wanda"], "recipes": ["lora", "distill+lora", "bridge"],
+              "steps": [40, 20, 300], "checkpoints": 2, "heal_batch_size": 4, "seed": 0,
+              "tasks": ["piqa", "hellaswag", "winogrande", "arc_easy"], "n_items": 150,
               "item_seed": 0, "batch_size": 16},
     tables=("scores", "runs", "ppl", "items"), validate=_check_healing_params)
 
@@ -902,13 +923,13 @@ EXPERIMENTS["healing"] = Experiment(
 # vocabulary makes every evaluation several times SmolLM2's, so it keeps the four
 # data-driven metrics whose scores cost one pass (no skip-one perplexity, no Taylor) and
 # no data-free control. Evaluation text and items are the same size for both. The
-# comparison and its costs are stored for SmolLM2, the book's default model; a chapter run
-# on Gemma computes them on first use.
+# comparison, its costs and healing are stored for SmolLM2, the book's default model; a
+# chapter run on Gemma computes them on first use.
 STANDARD: dict[str, dict[str, dict]] = {
     "smollm2-135m": {"block_influence": {},
                      "removal": {"max_remove": 8, "accuracy_seeds": 3,
                                  "metrics": [m for m in REMOVAL_METRICS if m != "sequential"]},
-                     "comparison": {}, "costs": {}},
+                     "comparison": {}, "costs": {}, "healing": {}},
     "gemma3-270m": {"block_influence": {},
                     "removal": {"max_remove": 5, "metrics": ["bi", "angular", "gromov",
                                                              "relative_magnitude"]}},

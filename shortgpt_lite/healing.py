@@ -35,6 +35,12 @@ calibration windows by one of three recipes (``method``):
   for one contiguous run (Gromov et al.). Unlike LLM-Streamline it adds no layer: the
   healed model is exactly as large as the pruned one.
 
+A model with zeroed weights (Wanda or magnitude pruning, ``config.shortgpt_lite_sparsity``)
+keeps them: every block weight that is zero before healing is zero after it. Trained
+weights are masked after each step; LoRA's update :math:`BA` is masked when it is merged,
+to the weight's own pattern, which is what lets the merged model stay sparse (Wanda's own
+code instead keeps the dense adapters unmerged beside the sparse weights).
+
 Training uses only the windows it is given (calibration text: evaluate on held-out
 text). The budget is ``steps`` optimizer steps or ``minutes`` of wall-clock time,
 teacher passes included. For a fixed ``seed`` (and ``steps``) the result is the same on
@@ -58,7 +64,7 @@ from .data import check_windows
 from .evaluate import token_nll
 from .inputs import input_device, vocab_rows
 from .layers import decoder_layers, unwrap_model
-from .records import HEALING_RECORD, REMOVAL_RECORD
+from .records import HEALING_RECORD, REMOVAL_RECORD, SPARSITY_RECORD
 
 __all__ = ["METHODS", "bridge_segments", "distillation_loss", "heal", "healing_record", "lm_loss"]
 
@@ -202,6 +208,30 @@ def _freeze_all_but(model, modules) -> list[nn.Parameter]:
     return trained
 
 
+def _zero_masks(model) -> dict[str, torch.Tensor]:
+    """``{parameter name: where it is not zero}`` for the block weights of a model with a
+    sparsity record; empty for any other model."""
+    if not getattr(unwrap_model(model).config, SPARSITY_RECORD, None):
+        return {}
+    blocks = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
+    return {name: p != 0 for name, p in model.named_parameters()
+            if id(p) in blocks and p.dim() == 2}
+
+
+@torch.no_grad()
+def _apply_masks(model, masks) -> None:
+    params = dict(model.named_parameters())
+    for name, keep in masks.items():
+        params[name].mul_(keep)
+
+
+def _merged(model, masks):
+    """The LoRA model as a plain one, its adapters merged, the zeros of ``masks`` kept."""
+    model = model.merge_and_unload()
+    _apply_masks(model, masks)
+    return model
+
+
 # ------------------------------------------------------------------- bridge states
 
 
@@ -273,8 +303,9 @@ def heal(pruned: nn.Module, windows: torch.Tensor, teacher: nn.Module | None = N
     settings; for ``bridge`` also which teacher blocks each bridging block stands for.
 
     ``on_checkpoint(model, steps, seconds, loss)`` is called after every ``every`` steps
-    with the model as it stands (in eval mode, adapters not yet merged): a recovery curve
-    measures it there. Its own time counts neither towards ``seconds`` nor the budget.
+    with the model as it stands, in eval mode: a recovery curve measures it there. LoRA
+    adapters are not yet merged, except for a sparse model, whose callback gets a merged
+    copy with its zeros kept. Its own time counts neither towards ``seconds`` nor the budget.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown healing method {method!r}. Choose one of: "
@@ -291,7 +322,7 @@ def heal(pruned: nn.Module, windows: torch.Tensor, teacher: nn.Module | None = N
     model = copy.deepcopy(unwrap_model(pruned))
     device = input_device(model)
     batches = _batches(len(windows), batch_size, seed)
-    segments = None
+    segments, masks = None, _zero_masks(model)
     if method == "bridge":
         removed, n = _removed_layers(model, teacher), len(decoder_layers(teacher))
         segments = bridge_segments(removed, n)
@@ -342,6 +373,8 @@ def heal(pruned: nn.Module, windows: torch.Tensor, teacher: nn.Module | None = N
         optimizer.zero_grad(set_to_none=True)
         losses.append(backward(batch_no))
         optimizer.step()
+        if masks and method not in ("lora", "distill+lora"):
+            _apply_masks(model, masks)
         done += 1
         tokens += int(batches[batch_no].numel() * windows.shape[1])
         bar.update()
@@ -349,7 +382,10 @@ def heal(pruned: nn.Module, windows: torch.Tensor, teacher: nn.Module | None = N
         if on_checkpoint is not None and every and done % every == 0:
             paused = time.perf_counter()
             model.eval()
-            on_checkpoint(model, done, paused - t0, losses[-1])
+            view = _merged(copy.deepcopy(model), masks) if masks and \
+                method in ("lora", "distill+lora") else model
+            on_checkpoint(view, done, paused - t0, losses[-1])
+            del view
             model.train()
             t0 += time.perf_counter() - paused  # the checkpoint's time is not healing's
         if done == steps or (minutes is not None and time.perf_counter() - t0 >= 60 * minutes):
@@ -359,7 +395,7 @@ def heal(pruned: nn.Module, windows: torch.Tensor, teacher: nn.Module | None = N
         unwrap_model(teacher).train(teacher_training)
 
     if method in ("lora", "distill+lora"):
-        model = model.merge_and_unload()
+        model = _merged(model, masks)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
@@ -375,6 +411,8 @@ def heal(pruned: nn.Module, windows: torch.Tensor, teacher: nn.Module | None = N
         record["lora_rank"] = rank
     if method.startswith("distill"):
         record["temperature"] = temperature
+    if masks:
+        record["zeros_kept"] = True
     if segments is not None:
         record["bridges"] = {str(j): list(se) for j, se in segments.items()}
     earlier = getattr(config, HEALING_RECORD, None)

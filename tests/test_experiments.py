@@ -324,10 +324,15 @@ def test_healing_records_a_recovery_curve_per_run_on_the_same_units(tiny, isolat
     r = ex.run("healing", "tiny", out=isolated / "stored", loaded=tiny, progress=False,
                **HEALING)
     runs = r["runs"]
-    # the first plan by every recipe, the other plan by the first recipe
-    assert list(dict.fromkeys(runs["run"])) == ["bi/lora", "bi/bridge", "reverse/lora"]
+    # the first plan by every recipe, the other plan and Wanda by the first recipe
+    assert list(dict.fromkeys(runs["run"])) == ["bi/lora", "bi/bridge", "reverse/lora",
+                                                "wanda/lora"]
     assert runs.groupby("run")["step"].apply(list).to_dict() == {
-        "bi/lora": [2, 4], "bi/bridge": [1, 2], "reverse/lora": [2, 4]}
+        "bi/lora": [2, 4], "bi/bridge": [1, 2], "reverse/lora": [2, 4], "wanda/lora": [2, 4]}
+    # Wanda removes as large a share of the parameters as the first plan's removed layers
+    share = float(runs[runs["ordering"] == "wanda"]["removed"].iloc[0].partition("@")[2])
+    one = ex.param_counts(ex.remove_layers(tiny[0], [0]))[0] / ex.param_counts(tiny[0])[0]
+    assert share == pytest.approx(1 - one, abs=1e-4)
     assert (runs.groupby("run")["seconds"].diff().dropna() > 0).all()
     assert runs[runs["ordering"] == "reverse"]["removed"].iloc[0] == "4"  # the last block
     ppl = r["ppl"]
@@ -352,3 +357,6 @@ def test_healing_records_a_recovery_curve_per_run_on_the_same_units(tiny, isolat
     with pytest.raises(ValueError, match="multiple of checkpoints"):
         ex.run("healing", "tiny", out=isolated / "other", loaded=tiny, progress=False,
                **{**HEALING, "steps": [3, 2]})
+    with pytest.raises(ValueError, match="no gap to bridge"):
+        ex.run("healing", "tiny", out=isolated / "other", loaded=tiny, progress=False,
+               **{**HEALING, "recipes": ["bridge", "lora"]})

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from shortgpt_lite.healing import METHODS, bridge_segments, distillation_loss, heal, lm_loss
 from shortgpt_lite.records import HEALING_RECORD, REMOVAL_RECORD
 from shortgpt_lite.removal import remove_layers
+from shortgpt_lite.wanda import wanda_prune
 from tiny import tiny_llama, tiny_model
 
 
@@ -66,6 +67,32 @@ def test_each_recipe_lowers_its_held_out_loss(teacher, method, plan):
     assert type(healed) is type(pruned)
     assert not any("lora" in name for name, _ in healed.named_parameters())
     assert healed.config.num_hidden_layers == 6 - len(plan)
+
+
+def block_zeros(model):
+    return {n: p == 0 for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2}
+
+
+@pytest.mark.parametrize("method", ["lora", "distill"])
+def test_a_sparse_model_keeps_its_zeros_and_still_heals(teacher, method):
+    sparse = wanda_prune(teacher, TRAIN[:8], 0.7, progress=False)
+    zeros = block_zeros(sparse)
+    assert sum(int(z.sum()) for z in zeros.values()) > 0.6 * sum(z.numel() for z in zeros.values())
+    seen = []
+    healed = heal(sparse, TRAIN, teacher=teacher, method=method, steps=40, lr=3e-3, every=20,
+                  on_checkpoint=lambda m, *_: seen.append(block_zeros(m)), progress=False)
+    for got in seen + [block_zeros(healed)]:
+        assert all(torch.equal(got[n] | z, got[n]) for n, z in zeros.items())
+    assert healed.config.shortgpt_lite_healing["zeros_kept"]
+    if method == "lora":
+        assert held_lm(healed) < 0.9 * held_lm(sparse)
+    else:
+        assert kl_to(teacher, healed, HELD) < 0.7 * kl_to(teacher, sparse, HELD)
+    # without the record the zeros move: the masking is what kept them
+    del sparse.config.shortgpt_lite_sparsity
+    unmasked = block_zeros(heal(sparse, TRAIN, teacher=teacher, method=method, steps=2,
+                                lr=3e-3, progress=False))
+    assert not all(torch.equal(unmasked[n] | z, unmasked[n]) for n, z in zeros.items())
 
 
 def test_healed_model_reloads_with_equal_logits_and_keeps_both_records(teacher, tmp_path):
