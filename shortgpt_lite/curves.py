@@ -1,5 +1,6 @@
-"""Reading stored runs: a removal run's curves, ranks across k and paired comparisons, and
-a comparison run's methods against dense and against each other.
+"""Reading stored runs: a removal run's curves, ranks across k and paired comparisons, a
+comparison run's methods against dense and against each other, and a healing run's
+recovery.
 
 The removal experiment (:mod:`shortgpt_lite.experiments`) stores the negative
 log-likelihood of every plan on every evaluation window and the verdict on every
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 
 from .costs import summarise_speeds
@@ -27,7 +29,8 @@ from .evaluate import binomial_ci, bootstrap_interval
 from .experiments import Result, paired_difference, perplexity_ratio
 
 __all__ = ["DATA_FREE", "accuracy_drop", "accuracy_table", "area_under_curve",
-           "compare_accuracy", "compare_orderings", "compare_variants", "curve_table", "family",
+           "compare_accuracy", "compare_healed", "compare_orderings", "compare_variants",
+           "curve_table", "family", "generation_table", "healing_accuracy", "healing_curve",
            "rank_table", "speed_table", "variant_table", "window_nll"]
 
 DATA_FREE = ("sequential", "reverse", "random")
@@ -254,3 +257,146 @@ def speed_table(result: Result) -> pd.DataFrame:
     table["prefill_x"] = table["prefill_seconds"] / dense["prefill_seconds"]
     table["decode_x"] = dense["decode_tokens_per_s"] / table["decode_tokens_per_s"]
     return table.rename_axis("variant").reset_index()
+
+
+# --------------------------------------------------------------- reading a healing run
+#
+# The healing experiment stores the NLL of every evaluation window for the unpruned model
+# (run "dense") and for every run at step 0 (pruned, before healing) and at each
+# checkpoint, and each item's verdict before and after. How much of the damage a recipe
+# undoes is read as the share of the gap it closes, on the log-perplexity scale
+#
+#     closed = (l_before - l_step) / (l_before - l_dense),
+#
+# with l the mean NLL over windows: 0 is no recovery, 1 the unpruned model's perplexity
+# (Kim et al. 2024 and Chen et al. 2024 report recovery as a share of the unpruned
+# model's score in the same spirit). Accuracy's share is (after - before) / (dense -
+# before). Intervals resample the windows (or items) of all three together.
+
+
+def _share_closed(before, now, dense, *, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """``(share, low, high)`` of ``(mean(before) - mean(now)) / (mean(before) - mean(dense))``
+    with a percentile-bootstrap interval that resamples the units of all three together."""
+    both = pd.concat([before.rename("b"), now.rename("n"), dense.rename("d")], axis=1,
+                     join="inner").dropna().to_numpy(float)
+    if len(both) < 2:
+        return math.nan, math.nan, math.nan
+    draws = np.random.default_rng(seed).integers(0, len(both), size=(n_boot, len(both)))
+    b, n, d = (both[:, i][draws].mean(axis=1) for i in range(3))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shares = (b - n) / (b - d)
+    shares[~np.isfinite(shares)] = np.nan  # a resample with no gap says nothing
+    share = (both[:, 0].mean() - both[:, 1].mean()) / (both[:, 0].mean() - both[:, 2].mean())
+    low, high = np.nanpercentile(shares, [2.5, 97.5])
+    return float(share), float(low), float(high)
+
+
+def _healing_nll(result: Result) -> pd.DataFrame:
+    """NLL per window: index ``window``, one column per ``(run, step)``."""
+    return result["ppl"].pivot_table(index="window", columns=["run", "step"], values="nll")
+
+
+def healing_curve(result: Result, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One row per healing run and checkpoint (step 0 is the pruned model before healing):
+    ``run``, ``plan``, ``recipe``, ``removed``, ``step``, ``seconds`` of healing so far,
+    ``ppl`` with its 95% bootstrap interval over windows, ``ppl_x`` against the unpruned
+    model, and ``closed``, the share of the log-perplexity gap closed, with its 95%
+    interval ``closed_low`` .. ``closed_high``."""
+    nll, ppl, runs = _healing_nll(result), result["ppl"], result["runs"]
+    dense = nll[("dense", 0)]
+    info = runs.groupby("run")[["ordering", "recipe", "removed"]].first()
+    seconds = ppl.groupby(["run", "step"])["seconds"].first()
+    rows = []
+    for run in info.index:
+        for step in sorted(nll[run].columns):
+            values = nll[(run, step)]
+            low, high = bootstrap_interval(values.to_numpy(), n_boot=n_boot, seed=seed)
+            closed = _share_closed(nll[(run, 0)], values, dense, n_boot=n_boot, seed=seed)
+            rows.append({"run": run, "plan": info.loc[run, "ordering"],
+                         "recipe": info.loc[run, "recipe"], "removed": info.loc[run, "removed"],
+                         "step": int(step), "seconds": float(seconds[(run, step)]),
+                         "ppl": math.exp(values.mean()), "ppl_ci_low": math.exp(low),
+                         "ppl_ci_high": math.exp(high),
+                         "ppl_x": math.exp(values.mean() - dense.mean()),
+                         "closed": closed[0], "closed_low": closed[1], "closed_high": closed[2]})
+    return pd.DataFrame(rows)
+
+
+def _healing_verdicts(result: Result, run: str, when: str) -> pd.Series:
+    items = result["items"]
+    part = items[items["run"] == run]
+    if part.empty:
+        runs = ", ".join(dict.fromkeys(items["run"]))
+        raise ValueError(f"No run {run!r} in this healing run; it has {runs}.")
+    step = part["step"].min() if when == "before" else part["step"].max()
+    return part[part["step"] == step].set_index("item")["correct"]
+
+
+def healing_accuracy(result: Result, *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """One row per healing run: pooled accuracy of the unpruned model (``acc_dense``), of
+    the pruned one (``acc_before``) and of the healed one (``acc_after``), each with its
+    95% Wilson interval; ``change``, after minus before paired over items, with its 95%
+    interval; and ``closed``, the share of the accuracy gap closed, with its interval."""
+    dense = _healing_verdicts(result, "dense", "after")
+    rows = []
+    for run, part in result["runs"].groupby("run", sort=False):
+        before, after = (_healing_verdicts(result, run, w) for w in ("before", "after"))
+        row = {"run": run, "plan": part["ordering"].iloc[0], "recipe": part["recipe"].iloc[0],
+               "n": len(after)}
+        for name, v in (("dense", dense), ("before", before), ("after", after)):
+            low, high = binomial_ci(int(v.sum()), len(v))
+            row |= {f"acc_{name}": float(v.mean()), f"acc_{name}_low": low,
+                    f"acc_{name}_high": high}
+        change = paired_difference(after, before, n_boot=n_boot, seed=seed)
+        closed = _share_closed(-before, -after, -dense, n_boot=n_boot, seed=seed)
+        rows.append(row | {"change": change["mean"], "change_low": change["low"],
+                           "change_high": change["high"], "closed": closed[0],
+                           "closed_low": closed[1], "closed_high": closed[2]})
+    return pd.DataFrame(rows)
+
+
+def compare_healed(result: Result, a: str, b: str, *, when: str = "after", n_boot: int = 2000,
+                   seed: int = 0) -> dict:
+    """Run ``a`` against run ``b`` of a stored healing run (``"dense"`` is the unpruned
+    model), both after healing (``when="after"``) or both before it (``"before"``), on the
+    same units: ``ppl`` is :func:`perplexity_ratio` over the evaluation windows (``a``
+    over ``b``), ``acc`` the accuracy of ``a`` minus that of ``b`` paired over items."""
+    if when not in ("before", "after"):
+        raise ValueError(f"when is 'before' or 'after' healing, got {when!r}.")
+    nll = _healing_nll(result)
+
+    def final(run):
+        if run not in nll.columns.get_level_values("run"):
+            raise ValueError(f"No run {run!r} in this healing run; it has "
+                             f"{', '.join(dict.fromkeys(nll.columns.get_level_values('run')))}.")
+        steps = nll[run].columns
+        return nll[(run, steps.min() if when == "before" else steps.max())]
+
+    return {"ppl": perplexity_ratio(final(a), final(b), n_boot=n_boot, seed=seed),
+            "acc": paired_difference(_healing_verdicts(result, a, when),
+                                     _healing_verdicts(result, b, when),
+                                     n_boot=n_boot, seed=seed)}
+
+
+def generation_table(result: Result, *, against: str = "removed", n_boot: int = 2000,
+                     seed: int = 0) -> pd.DataFrame:
+    """One row per model of a stored generation run: LAMBADA accuracy decoded token by
+    token (``lambada``, 95% Wilson interval), its difference from ``against`` paired over
+    the passages (``diff``, 95% interval), and the fastest prefill (``prefill_seconds``)
+    and decoding speed (``decode_tokens_per_s``) of the interleaved timings."""
+    verdicts = result["items"].pivot(index="item", columns="model", values="correct").astype(float)
+    if against not in verdicts:
+        raise ValueError(f"No model {against!r} in this generation run; it has "
+                         f"{', '.join(verdicts.columns)}.")
+    speeds = summarise_speeds(result["timings"].rename(columns={"variant": "model"}))
+    rows = []
+    for model in dict.fromkeys(result["items"]["model"]):
+        v = verdicts[model]
+        low, high = binomial_ci(int(v.sum()), len(v))
+        d = paired_difference(v, verdicts[against], n_boot=n_boot, seed=seed)
+        rows.append({"model": model, "n": len(v), "lambada": float(v.mean()), "lambada_low": low,
+                     "lambada_high": high, "diff": d["mean"], "diff_low": d["low"],
+                     "diff_high": d["high"],
+                     "prefill_seconds": float(speeds.loc[model, "prefill_seconds"]),
+                     "decode_tokens_per_s": float(speeds.loc[model, "decode_tokens_per_s"])})
+    return pd.DataFrame(rows).set_index("model")

@@ -43,15 +43,18 @@ from .costs import param_counts, serialized_bytes, speed_runs, summarise_speeds
 from .data import load_benchmark, load_text, token_windows
 from .evaluate import (
     bootstrap_interval,
+    decoded_accuracy,
     evaluate_choices,
     generation_samples,
     perplexity,
     score_items,
 )
+from .generation import SUPPORTED as GEN_SUPPORTED
+from .generation import shortgpt_gen
 from .healing import heal
 from .hooks import layer_statistics
 from .importance import layer_importance, layers_to_remove
-from .layers import decoder_layers
+from .layers import decoder_layers, text_config
 from .models import cache_dir, load_model, pick_device
 from .prefix import SharedPrefix, sweep_order
 from .provenance import environment
@@ -807,10 +810,13 @@ def _check_healing_params(p) -> None:
                          "put another recipe first, or give width=[].")
 
 
+def _train_windows(tokenizer, p):
+    return token_windows(tokenizer, load_text(p["corpus"], "calibration"), p["seq_len"],
+                         p["train_windows"])
+
+
 def _healing_data(tokenizer, p):
-    train = token_windows(tokenizer, load_text(p["corpus"], "calibration"), p["seq_len"],
-                          p["train_windows"])
-    return train, *_removal_data(tokenizer, p)
+    return _train_windows(tokenizer, p), *_removal_data(tokenizer, p)
 
 
 def _first(columns, rows: pd.DataFrame) -> pd.DataFrame:
@@ -914,6 +920,92 @@ EXPERIMENTS["healing"] = Experiment(
               "item_seed": 0, "batch_size": 16},
     tables=("scores", "runs", "ppl", "items"), validate=_check_healing_params)
 
+# ------------------------------------------------------------ the generation experiment
+#
+# What removal does to generation, and what ShortGPT-gen and healing give back: the
+# unpruned model, the first healing plan removed, ShortGPT-gen over the same plan (the
+# prompt skips the removed layers, decoding runs them; for the architectures the authors'
+# code covers) and the removed model healed by the first healing recipe for its steps
+# (the same windows, seed and batches as the healing experiment's run, so the same
+# weights on the same machine). LAMBADA's last word
+# decoded token by token with a KV cache, one verdict per item and model; greedy
+# continuations of fixed prompts; prefill and decode timed interleaved.
+
+
+def _generation_models(model, tokenizer, p):
+    k = round(PAPER_SHARE * len(decoder_layers(model)))
+    cal = _calibration_windows(tokenizer, p)
+    scores = layer_importance(model, cal, "bi", tokens="all", progress=False)
+    plan = layers_to_remove(scores, k)
+    models = {"dense": model, "removed": remove_layers(model, plan)}
+    if text_config(model).model_type in GEN_SUPPORTED:  # the authors' code covers these
+        models["shortgpt-gen"] = shortgpt_gen(model, plan)
+    return plan, models
+
+
+def _compute_generation(model, tokenizer, store, progress, **p) -> None:
+    plan, models = _generation_models(model, tokenizer, p)
+    models["healed"] = heal(models["removed"], _train_windows(tokenizer, p), teacher=model,
+                            method=p["recipe"], steps=p["steps"], seed=p["seed"],
+                            batch_size=p["heal_batch_size"], progress=progress)
+    items = load_benchmark("lambada", p["n_items"], seed=p["item_seed"])
+    done = store.done("items", "model")
+    for name, m in tqdm(models.items(), desc="models decoded", unit="model",
+                        disable=not progress):
+        if name in done:
+            continue
+        r = decoded_accuracy(m, tokenizer, items, progress=False)
+        store.append("items", pd.DataFrame({"model": name, "item": range(len(items)),
+                                            "correct": r["correct"], "removed": _plan_text(plan)}))
+    if store.read("samples") is None:
+        store.append("samples", pd.concat(
+            [generation_samples(m, tokenizer, max_new_tokens=p["max_new_tokens"],
+                                progress=False).assign(model=name)
+             for name, m in models.items()]))
+    if store.read("timings") is None:
+        store.append("timings", speed_runs(models, seq_len=p["prompt_tokens"],
+                                           decode_tokens=p["decode_tokens"],
+                                           repeats=p["repeats"]).rename(columns={"model": "variant"}))
+
+
+def _check_generation(model, tokenizer, result: Result, n_items: int = 20) -> list[str]:
+    """The plan and the first ``n_items`` verdicts of the unpruned, removed and ShortGPT-gen
+    models recomputed (healing is not redone); every model decoded on every item and timed
+    ``repeats`` times."""
+    p, problems = result.params, []
+    plan, models = _generation_models(model, tokenizer, p)
+    items, stored = result["items"], result["items"]["removed"].iloc[0]
+    if _plan_text(plan) != str(stored):
+        problems.append(f"the plan is now {_plan_text(plan)}, stored {stored}")
+    if items.groupby("model").size().ne(p["n_items"]).any() or \
+            set(items["model"]) != set(models) | {"healed"}:
+        problems.append("LAMBADA verdicts missing for some model or item")
+    picked = load_benchmark("lambada", p["n_items"], seed=p["item_seed"])[:n_items]
+    for name in [m for m in ("dense", "removed", "shortgpt-gen") if m in models]:
+        got = decoded_accuracy(models[name], tokenizer, picked, progress=False)["correct"]
+        want = items[items["model"] == name].sort_values("item")["correct"].to_numpy()[:n_items]
+        if (got != want.astype(bool)).sum() > 1:
+            problems.append(f"{name}: {int((got != want.astype(bool)).sum())} of {n_items} "
+                            "LAMBADA verdicts changed")
+    counts = result["timings"].groupby("variant").size()
+    if set(counts.index) != set(models) | {"healed"} or not (counts == p["repeats"]).all():
+        problems.append(f"timings: expected {p['repeats']} runs of every model, got "
+                        f"{counts.to_dict()}")
+    return problems
+
+
+EXPERIMENTS["generation"] = Experiment(
+    "generation",
+    "Generation after removal: the unpruned model, the paper's share of layers removed by "
+    "Block Influence, ShortGPT-gen over the same plan, and the removed model healed; "
+    "LAMBADA decoded per item, greedy continuations, prefill and decode timed interleaved",
+    _compute_generation, _check_generation,
+    defaults={"corpus": "wikipedia", "calibration": "wikipedia", "seq_len": 256,
+              "calibration_windows": 32, "train_windows": 128, "recipe": "lora", "steps": 40,
+              "heal_batch_size": 4, "seed": 0, "n_items": 500, "item_seed": 0,
+              "max_new_tokens": 32, "prompt_tokens": 256, "decode_tokens": 32, "repeats": 5},
+    tables=("items", "samples", "timings"))
+
 # The runs stored in results/, regenerated by `make results` within 90 minutes on two CPU
 # cores. Both removal runs stop at the paper's share of the depth (9/32: 8 of SmolLM2's 30
 # blocks, 5 of Gemma's 18), so accuracy is measured at k = 0 and at that share. SmolLM2's
@@ -923,13 +1015,13 @@ EXPERIMENTS["healing"] = Experiment(
 # vocabulary makes every evaluation several times SmolLM2's, so it keeps the four
 # data-driven metrics whose scores cost one pass (no skip-one perplexity, no Taylor) and
 # no data-free control. Evaluation text and items are the same size for both. The
-# comparison, its costs and healing are stored for SmolLM2, the book's default model; a
-# chapter run on Gemma computes them on first use.
+# comparison, its costs, healing and generation are stored for SmolLM2, the book's default
+# model; a chapter run on Gemma computes them on first use.
 STANDARD: dict[str, dict[str, dict]] = {
     "smollm2-135m": {"block_influence": {},
                      "removal": {"max_remove": 8, "accuracy_seeds": 3,
                                  "metrics": [m for m in REMOVAL_METRICS if m != "sequential"]},
-                     "comparison": {}, "costs": {}, "healing": {}},
+                     "comparison": {}, "costs": {}, "healing": {}, "generation": {}},
     "gemma3-270m": {"block_influence": {},
                     "removal": {"max_remove": 5, "metrics": ["bi", "angular", "gromov",
                                                              "relative_magnitude"]}},

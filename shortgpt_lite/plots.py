@@ -13,7 +13,7 @@ import numpy as np
 import seaborn as sns
 
 __all__ = ["accuracy_dots", "adjacent_similarity", "angular_distance_heatmap", "bi_profile",
-           "book_style", "removal_overview", "similarity_heatmap", "removal_curves",
+           "book_style", "healing_curves", "pareto_plot", "removal_overview", "similarity_heatmap", "removal_curves",
            "speedup_plot"]
 
 
@@ -326,4 +326,37 @@ def pareto_plot(table, costs: dict, qualities: dict, title: str, *, label: str =
                bbox_to_anchor=(0.5, -0.02))
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def healing_curves(curve, title: str, *, dense_ppl: float | None = None, aim: float = 0.5):
+    """Recovery against CPU time, from :func:`shortgpt_lite.curves.healing_curve`: one
+    line per run through its checkpoints (step 0 is the pruned model), perplexity on the
+    left (log axis, 95% interval over windows; ``dense_ppl`` dashed) and the share of the
+    log-perplexity gap closed on the right (95% interval; ``aim`` dotted)."""
+    runs = list(dict.fromkeys(curve["run"]))
+    palette = dict(zip(runs, sns.color_palette("colorblind", len(runs))))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for run in runs:
+        part = curve[curve["run"] == run].sort_values("step")
+        minutes = part["seconds"] / 60
+        left.errorbar(minutes, part["ppl"], yerr=[part["ppl"] - part["ppl_ci_low"],
+                                                  part["ppl_ci_high"] - part["ppl"]],
+                      fmt="o-", color=palette[run], capsize=3, label=run)
+        right.errorbar(minutes, part["closed"], yerr=[part["closed"] - part["closed_low"],
+                                                      part["closed_high"] - part["closed"]],
+                       fmt="o-", color=palette[run], capsize=3, label=run)
+    if dense_ppl is not None:
+        left.axhline(dense_ppl, color="gray", linestyle="--", linewidth=1, label="unpruned")
+    right.axhline(aim, color="gray", linestyle=":", linewidth=1, label=f"{aim:.0%} of the gap")
+    right.axhline(0, color="black", linewidth=0.6)
+    left.set(yscale="log", xlabel="healing time, CPU minutes (2 cores)",
+             ylabel="perplexity (95% interval)")
+    right.set(xlabel="healing time, CPU minutes (2 cores)",
+              ylabel="share of the log-perplexity gap closed")
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig

@@ -157,3 +157,88 @@ def test_compare_variants_pairs_windows_and_items():
     assert d["acc"]["mean"] == pytest.approx(-0.25) and d["acc"]["n"] == 4
     with pytest.raises(ValueError, match="No variant 'c'"):
         curves.compare_variants(r, "c", "a")
+
+
+def _healing_result():
+    """A healing run written by hand: four windows, checkpoints at 0, 5 and 10 steps."""
+    nll = {("dense", 0): [1.0, 2.0, 3.0, 2.0], ("r", 0): [2.0, 3.0, 4.5, 2.5],
+           ("r", 5): [1.5, 2.5, 3.5, 2.5], ("r", 10): [1.0, 2.5, 3.5, 2.0],
+           ("s", 0): [2.0, 3.0, 4.5, 2.5], ("s", 10): [2.0, 3.0, 4.0, 2.5]}
+    ppl = pd.DataFrame([{"run": r, "step": s, "seconds": 6.0 * s, "window": w, "nll": x}
+                        for (r, s), xs in nll.items() for w, x in enumerate(xs)])
+    runs = pd.DataFrame([{"run": r, "step": s, "seconds": 6.0 * s, "loss": 1.0,
+                          "ordering": r, "recipe": "lora", "removed": "1 2"}
+                         for r, s in [("r", 5), ("r", 10), ("s", 10)]])
+    right = {("dense", 0): [1, 1, 1, 0], ("r", 0): [0, 0, 1, 0], ("r", 10): [1, 0, 1, 0],
+             ("s", 0): [0, 0, 1, 0], ("s", 10): [0, 0, 0, 0]}
+    items = pd.DataFrame([{"run": r, "step": s, "task": "piqa", "item": i, "correct": c}
+                          for (r, s), xs in right.items() for i, c in enumerate(xs)])
+    return ex.Result("healing", "tiny", {}, {"ppl": ppl, "runs": runs, "items": items,
+                                             "scores": pd.DataFrame()}, {})
+
+
+def test_healing_curve_reads_the_share_of_the_log_perplexity_gap_closed():
+    t = curves.healing_curve(_healing_result()).set_index(["run", "step"])
+    assert list(t.loc["r"].index) == [0, 5, 10] and list(t.loc["s"].index) == [0, 10]
+    assert t.loc[("r", 0), "closed"] == 0 and t.loc[("r", 0), "ppl_x"] == pytest.approx(
+        math.exp(12 / 4 - 8 / 4))
+    # gap: mean 3.0 before against 2.0 dense; at step 5 mean 2.5 (half), at 10 mean 2.25
+    assert t.loc[("r", 5), "closed"] == pytest.approx(0.5)
+    assert t.loc[("r", 10), "closed"] == pytest.approx(0.75)
+    assert t.loc[("r", 10), "ppl"] == pytest.approx(math.exp(2.25))
+    assert t.loc[("r", 10), "closed_low"] <= 0.75 <= t.loc[("r", 10), "closed_high"]
+    assert t.loc[("r", 10), "seconds"] == 60.0 and t.loc[("r", 10), "recipe"] == "lora"
+
+
+def test_healing_accuracy_and_paired_comparisons_of_runs():
+    r = _healing_result()
+    acc = curves.healing_accuracy(r).set_index("run")
+    assert acc.loc["r", "acc_dense"] == 0.75 and acc.loc["r", "acc_before"] == 0.25
+    assert acc.loc["r", "acc_after"] == 0.5 and acc.loc["r", "change"] == 0.25
+    assert acc.loc["r", "closed"] == pytest.approx(0.5)  # 0.25 of a 0.5 gap
+    assert acc.loc["s", "change"] == -0.25 and acc.loc["s", "closed"] == pytest.approx(-0.5)
+    d = curves.compare_healed(r, "r", "s")
+    want = np.mean([1.0 - 2.0, 2.5 - 3.0, 3.5 - 4.0, 2.0 - 2.5])
+    assert d["ppl"]["ratio"] == pytest.approx(math.exp(want)) and d["acc"]["mean"] == 0.5
+    before = curves.compare_healed(r, "r", "s", when="before")
+    assert before["ppl"]["mean"] == 0 and before["acc"]["mean"] == 0
+    with pytest.raises(ValueError, match="No run 'x'"):
+        curves.compare_healed(r, "x", "s")
+    with pytest.raises(ValueError, match="before' or 'after"):
+        curves.compare_healed(r, "r", "s", when="during")
+
+
+def test_healing_curves_draws_each_run_through_its_checkpoints():
+    import matplotlib.pyplot as plt
+
+    from shortgpt_lite.plots import healing_curves
+
+    curve = curves.healing_curve(_healing_result())
+    fig = healing_curves(curve, "tiny", dense_ppl=math.exp(2.0))
+    left, right = fig.axes[:2]
+    r = curve[curve["run"] == "r"]
+    assert list(left.lines[0].get_xdata()) == pytest.approx(list(r["seconds"] / 60))
+    assert list(left.lines[0].get_ydata()) == pytest.approx(list(r["ppl"]))
+    assert list(right.lines[0].get_ydata()) == pytest.approx(list(r["closed"]))
+    assert left.get_yscale() == "log"
+    plt.close(fig)
+
+
+def test_generation_table_pairs_passages_against_removal():
+    right = {"dense": [1, 1, 0, 1], "removed": [0, 1, 0, 0], "healed": [1, 1, 0, 0]}
+    items = pd.DataFrame([{"model": m, "item": i, "correct": c, "removed": "1 2"}
+                          for m, xs in right.items() for i, c in enumerate(xs)])
+    timings = pd.DataFrame([{"variant": m, "repeat": r, "position": 0, "prefill_seconds": s + r,
+                             "decode_tokens_per_s": 10.0 / (s + r)}
+                            for m, s in [("dense", 1.0), ("removed", 0.5), ("healed", 0.6)]
+                            for r in range(2)])
+    r = ex.Result("generation", "tiny", {}, {"items": items, "timings": timings,
+                                             "samples": pd.DataFrame()}, {})
+    t = curves.generation_table(r)
+    assert list(t.index) == ["dense", "removed", "healed"]
+    assert t.loc["dense", "lambada"] == 0.75 and t.loc["dense", "diff"] == 0.5
+    assert t.loc["removed", "diff"] == 0 and t.loc["healed", "diff"] == 0.25
+    assert t.loc["healed", "lambada_low"] < 0.5 < t.loc["healed", "lambada_high"]
+    assert t.loc["removed", "prefill_seconds"] == 0.5 and t.loc["dense", "decode_tokens_per_s"] == 10.0
+    with pytest.raises(ValueError, match="No model 'x'"):
+        curves.generation_table(r, against="x")

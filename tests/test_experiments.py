@@ -360,3 +360,23 @@ def test_healing_records_a_recovery_curve_per_run_on_the_same_units(tiny, isolat
     with pytest.raises(ValueError, match="no gap to bridge"):
         ex.run("healing", "tiny", out=isolated / "other", loaded=tiny, progress=False,
                **{**HEALING, "recipes": ["bridge", "lora"]})
+
+
+GENERATION = {"seq_len": 32, "calibration_windows": 2, "train_windows": 4, "steps": 2,
+              "heal_batch_size": 2, "n_items": 4, "max_new_tokens": 4, "prompt_tokens": 16,
+              "decode_tokens": 4, "repeats": 2}
+
+
+def test_generation_decodes_every_model_on_the_same_items(tiny, isolated):
+    r = ex.run("generation", "tiny", out=isolated / "stored", loaded=tiny, progress=False,
+               **GENERATION)
+    models = ["dense", "removed", "shortgpt-gen", "healed"]
+    assert r["items"].groupby("model").size().to_dict() == dict.fromkeys(models, 4)
+    assert set(r["samples"]["model"]) == set(models)
+    assert r["timings"].groupby("variant").size().to_dict() == dict.fromkeys(models, 2)
+    assert r["items"]["removed"].nunique() == 1
+    assert ex.check(r, loaded=tiny) == []
+    stale = ex.load_result(r.path)
+    dense = stale["items"]["model"] == "dense"
+    stale["items"].loc[dense, "correct"] = ~stale["items"].loc[dense, "correct"].astype(bool)
+    assert any("dense: 4 of" in p for p in ex.check(stale, loaded=tiny))
