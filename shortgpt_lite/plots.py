@@ -11,6 +11,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
+from matplotlib.ticker import FuncFormatter
 
 __all__ = ["accuracy_dots", "adjacent_similarity", "angular_distance_heatmap", "bi_profile",
            "book_style", "healing_curves", "pareto_plot", "removal_overview", "similarity_heatmap", "removal_curves",
@@ -352,8 +353,10 @@ def healing_curves(curve, title: str, *, dense_ppl: float | None = None, aim: fl
     right.axhline(0, color="black", linewidth=0.6)
     left.set(yscale="log", xlabel="healing time, CPU minutes (2 cores)",
              ylabel="perplexity (95% interval)")
-    right.set(xlabel="healing time, CPU minutes (2 cores)",
-              ylabel="share of the log-perplexity gap closed")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    left.yaxis.set_major_formatter(plain)
+    left.yaxis.set_minor_formatter(plain)
+    right.set(xlabel="healing time, CPU minutes (2 cores)", ylabel="share of the gap closed")
     handles, labels = left.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False,
                bbox_to_anchor=(0.5, -0.02))
