@@ -336,10 +336,13 @@ def healing_accuracy(result: Result, *, n_boot: int = 2000, seed: int = 0) -> pd
     """One row per healing run: pooled accuracy of the unpruned model (``acc_dense``), of
     the pruned one (``acc_before``) and of the healed one (``acc_after``), each with its
     95% Wilson interval; ``change``, after minus before paired over items, with its 95%
-    interval; and ``closed``, the share of the accuracy gap closed, with its interval."""
+    interval; and ``closed``, the share of the accuracy gap closed, with its interval.
+    Runs measured on perplexity only (plans other than the first) have no row."""
     dense = _healing_verdicts(result, "dense", "after")
     rows = []
     for run, part in result["runs"].groupby("run", sort=False):
+        if run not in set(result["items"]["run"]):
+            continue
         before, after = (_healing_verdicts(result, run, w) for w in ("before", "after"))
         row = {"run": run, "plan": part["ordering"].iloc[0], "recipe": part["recipe"].iloc[0],
                "n": len(after)}
@@ -378,25 +381,51 @@ def compare_healed(result: Result, a: str, b: str, *, when: str = "after", n_boo
                                      n_boot=n_boot, seed=seed)}
 
 
-def generation_table(result: Result, *, against: str = "removed", n_boot: int = 2000,
-                     seed: int = 0) -> pd.DataFrame:
+def generation_table(result: Result, healing: Result | None = None, *,
+                     against: str = "removed", n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """One row per model of a stored generation run: LAMBADA accuracy decoded token by
     token (``lambada``, 95% Wilson interval), its difference from ``against`` paired over
     the passages (``diff``, 95% interval), and the fastest prefill (``prefill_seconds``)
-    and decoding speed (``decode_tokens_per_s``) of the interleaved timings."""
+    and decoding speed (``decode_tokens_per_s``) of the interleaved timings. A healing run
+    adds a ``healed`` row, its first run's healed model on the same passages; it has the
+    removed model's shapes, so it is not timed (its speeds are NaN)."""
     verdicts = result["items"].pivot(index="item", columns="model", values="correct").astype(float)
+    if healing is not None:
+        verdicts["healed"] = _healed_verdicts(result, healing)
     if against not in verdicts:
         raise ValueError(f"No model {against!r} in this generation run; it has "
                          f"{', '.join(verdicts.columns)}.")
     speeds = summarise_speeds(result["timings"].rename(columns={"variant": "model"}))
     rows = []
-    for model in dict.fromkeys(result["items"]["model"]):
+    for model in verdicts.columns:
         v = verdicts[model]
         low, high = binomial_ci(int(v.sum()), len(v))
         d = paired_difference(v, verdicts[against], n_boot=n_boot, seed=seed)
+        timed = model in speeds.index
         rows.append({"model": model, "n": len(v), "lambada": float(v.mean()), "lambada_low": low,
                      "lambada_high": high, "diff": d["mean"], "diff_low": d["low"],
                      "diff_high": d["high"],
-                     "prefill_seconds": float(speeds.loc[model, "prefill_seconds"]),
-                     "decode_tokens_per_s": float(speeds.loc[model, "decode_tokens_per_s"])})
+                     "prefill_seconds": float(speeds.loc[model, "prefill_seconds"])
+                     if timed else math.nan,
+                     "decode_tokens_per_s": float(speeds.loc[model, "decode_tokens_per_s"])
+                     if timed else math.nan})
     return pd.DataFrame(rows).set_index("model")
+
+
+def _healed_verdicts(generation: Result, healing: Result) -> pd.Series:
+    """The healing run's LAMBADA verdicts, after checking they are on the generation run's
+    passages and model, and heal the plan the generation run removes."""
+    g, h = generation.params, healing.params
+    lambada = healing.tables.get("lambada")
+    if lambada is None or lambada.empty:
+        raise ValueError("This healing run decoded no LAMBADA passages; rerun it with "
+                         "lambada_items > 0.")
+    same = {"model": (generation.model, healing.model),
+            "passages": (g["n_items"], h["lambada_items"]),
+            "passage seed": (g["item_seed"], h["item_seed"]),
+            "plan": (str(generation["items"]["removed"].iloc[0]), str(lambada["removed"].iloc[0]))}
+    differ = [f"{k} {a} against {b}" for k, (a, b) in same.items() if a != b]
+    if differ:
+        raise ValueError("The generation and healing runs cannot be paired: "
+                         + "; ".join(differ) + ". Run both with the same model, passages and plan.")
+    return lambada.set_index("item")["correct"].astype(float)

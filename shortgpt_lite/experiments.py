@@ -781,10 +781,14 @@ EXPERIMENTS["costs"] = Experiment(
 # twice one of LoRA, one of bridging an eighth), with the same seed, windows and batch
 # size. ``width`` adds width-pruned models with as many parameters removed as the first
 # plan removes, healed by the first recipe with their zeros kept: Part II's comparison
-# after healing. Perplexity on every evaluation window before healing and at
-# ``checkpoints`` evenly spaced steps, with the healing seconds spent so far; per-item
-# accuracy before and after. A run's rows are written when it ends, so an interrupted
-# experiment resumes at the first run without rows.
+# after healing. Perplexity on every evaluation window before healing and after, with the
+# healing seconds spent; the first plan's recipes also at ``checkpoints`` evenly spaced
+# steps. Per-item accuracy before and after for the first plan and the width methods (the
+# other plans' accuracy before healing is the removal experiment's). The first run's
+# healed model is also decoded on LAMBADA and continues the generation prompts, on the
+# generation experiment's passages, whose unpruned, removed and ShortGPT-gen rows it joins.
+# A run's rows are written when it ends, so an interrupted experiment resumes at the first
+# run without rows.
 
 
 def _healing_runs(p) -> list[tuple[str, str, int]]:
@@ -795,6 +799,10 @@ def _healing_runs(p) -> list[tuple[str, str, int]]:
     lead = p["recipes"][0]
     return [(first, r, steps[r]) for r in p["recipes"]] + \
         [(o, lead, steps[lead]) for o in others + list(p["width"])]
+
+
+def _measures_accuracy(plan: str, p) -> bool:
+    return plan == p["plans"][0] or plan in p["width"]
 
 
 def _check_healing_params(p) -> None:
@@ -849,31 +857,49 @@ def _compute_healing(model, tokenizer, store, progress, **p) -> None:
         store.append("ppl", _first(("run", "step", "seconds"), _ppl_rows(
             model, ev, "", bs).assign(run="dense", step=0, seconds=0.0)))
     before, done = {}, store.done("runs", "run")
-    for plan, recipe, steps in tqdm(_healing_runs(p), desc="healing runs", unit="run",
-                                    disable=not progress):
+    for i, (plan, recipe, steps) in enumerate(tqdm(_healing_runs(p), desc="healing runs",
+                                                   unit="run", disable=not progress)):
         name = f"{plan}/{recipe}"
         if name in done:
             continue
         pruned, text = _healing_model(model, scores, plan, cal, p)
+        accuracy = _measures_accuracy(plan, p)
         if text not in before:
             before[text] = (_ppl_rows(pruned, ev, text, bs).assign(step=0, seconds=0.0),
-                            _item_rows(pruned, tokenizer, items, tasks, text, bs).assign(step=0))
+                            _item_rows(pruned, tokenizer, items, tasks, text, bs).assign(step=0)
+                            if accuracy else None)
         ppl, curve = [before[text][0]], []
 
         def checkpoint(m, step, seconds, loss, text=text, ppl=ppl, curve=curve):
             ppl.append(_ppl_rows(m, ev, text, bs).assign(step=step, seconds=seconds))
             curve.append({"step": step, "seconds": seconds, "loss": loss})
 
+        every = steps // p["checkpoints"] if plan == p["plans"][0] else steps
         healed = heal(pruned, train, teacher=model, method=recipe, steps=steps,
                       seed=p["seed"], batch_size=p["heal_batch_size"],
-                      every=steps // p["checkpoints"], on_checkpoint=checkpoint, progress=False)
-        after = _item_rows(healed, tokenizer, items, tasks, text, bs).assign(step=steps)
+                      every=every, on_checkpoint=checkpoint, progress=False)
+        if i == 0 and p["lambada_items"]:
+            _healed_generation(healed, tokenizer, store, name, text, p)
         store.append("ppl", _first(("run", "step", "seconds"), pd.concat(ppl).assign(run=name)))
-        store.append("items", _first(("run", "step"),
-                                     pd.concat([before[text][1], after]).assign(run=name)))
+        if accuracy:
+            after = _item_rows(healed, tokenizer, items, tasks, text, bs).assign(step=steps)
+            store.append("items", _first(("run", "step"),
+                                         pd.concat([before[text][1], after]).assign(run=name)))
         store.append("runs", pd.DataFrame(curve).assign(run=name, ordering=plan,
                                                         recipe=recipe, removed=text))
         del pruned, healed
+
+
+def _healed_generation(healed, tokenizer, store, name, text, p) -> None:
+    """The first run's healed model on the generation experiment's LAMBADA passages and
+    prompts (its shapes are the removed model's, so its speed is too and is not timed)."""
+    items = load_benchmark("lambada", p["lambada_items"], seed=p["item_seed"])
+    r = decoded_accuracy(healed, tokenizer, items, progress=False)
+    store.append("lambada", pd.DataFrame({"run": name, "item": range(len(items)),
+                                          "correct": r["correct"], "removed": text}))
+    store.append("samples", generation_samples(healed, tokenizer,
+                                               max_new_tokens=p["max_new_tokens"],
+                                               progress=False).assign(run=name))
 
 
 def _check_healing(model, tokenizer, result: Result, windows: int = 2) -> list[str]:
@@ -891,10 +917,14 @@ def _check_healing(model, tokenizer, result: Result, windows: int = 2) -> list[s
         if text != stored["removed"].iloc[0]:
             problems.append(f"{name}: the stored plan {stored['removed'].iloc[0]} is not the "
                             f"one the stored scores give, {text}")
-        rows = ppl[ppl["run"] == name]
+        rows, plan = ppl[ppl["run"] == name], stored["ordering"].iloc[0]
+        steps = p["checkpoints"] + 1 if plan == p["plans"][0] else 2
         if rows.groupby("step").size().ne(p["eval_windows"]).any() or \
-                rows["step"].nunique() != p["checkpoints"] + 1:
+                rows["step"].nunique() != steps:
             problems.append(f"{name}: perplexity rows missing at some checkpoint")
+        counted = result["items"].groupby("run").size().get(name, 0)
+        if counted != (2 * len(p["tasks"]) * p["n_items"] if _measures_accuracy(plan, p) else 0):
+            problems.append(f"{name}: {counted} accuracy rows, not the ones its plan measures")
         models[name] = pruned
     for name, m in models.items():
         got = _ppl_rows(m, ev[:windows], "", p["batch_size"])["nll"].to_numpy()
@@ -902,6 +932,9 @@ def _check_healing(model, tokenizer, result: Result, windows: int = 2) -> list[s
         diff = np.abs(got - want.loc[range(windows)].to_numpy())
         if not (diff < 5e-3).all():
             problems.append(f"{name}: window NLL before healing moved by up to {diff.max():.3g}")
+    lambada = result.tables.get("lambada")
+    if p["lambada_items"] and (lambada is None or len(lambada) != p["lambada_items"]):
+        problems.append(f"LAMBADA: expected {p['lambada_items']} verdicts of the first run")
     return problems
 
 
@@ -909,34 +942,34 @@ EXPERIMENTS["healing"] = Experiment(
     "healing",
     "Healing after removal: the paper's share of the layers removed by each plan (and the "
     "same share of parameters by each width method), healed by each recipe on calibration "
-    "text; perplexity per evaluation window at evenly spaced steps with the seconds spent, "
-    "per-item accuracy before and after",
+    "text; perplexity per evaluation window before and after with the seconds spent (the "
+    "first plan's recipes at evenly spaced steps), per-item accuracy before and after for "
+    "the first plan and the width methods, the first healed model on LAMBADA",
     _compute_healing, _check_healing,
     defaults={"corpus": "wikipedia", "seq_len": 256, "calibration_windows": 32,
               "train_windows": 128, "eval_windows": 64, "plans": ["bi", "reverse", "random:0"],
               "width": ["wanda"], "recipes": ["lora", "distill+lora", "bridge"],
               "steps": [40, 20, 300], "checkpoints": 2, "heal_batch_size": 4, "seed": 0,
-              "tasks": ["piqa", "hellaswag", "winogrande", "arc_easy"], "n_items": 150,
-              "item_seed": 0, "batch_size": 16},
-    tables=("scores", "runs", "ppl", "items"), validate=_check_healing_params)
+              "tasks": ["piqa", "hellaswag", "winogrande", "arc_easy"], "n_items": 200,
+              "item_seed": 0, "batch_size": 16, "lambada_items": 500, "max_new_tokens": 32},
+    tables=("scores", "runs", "ppl", "items", "lambada", "samples"),
+    validate=_check_healing_params)
 
 # ------------------------------------------------------------ the generation experiment
 #
-# What removal does to generation, and what ShortGPT-gen and healing give back: the
-# unpruned model, the first healing plan removed, ShortGPT-gen over the same plan (the
-# prompt skips the removed layers, decoding runs them; for the architectures the authors'
-# code covers) and the removed model healed by the first healing recipe for its steps
-# (the same windows, seed and batches as the healing experiment's run, so the same
-# weights on the same machine). LAMBADA's last word
-# decoded token by token with a KV cache, one verdict per item and model; greedy
-# continuations of fixed prompts; prefill and decode timed interleaved.
+# What removal does to generation, and what ShortGPT-gen gives back: the unpruned model,
+# Block Influence's plan at the paper's share removed, and ShortGPT-gen over the same plan
+# (the prompt skips the removed layers, decoding runs them; for the architectures the
+# authors' code covers). LAMBADA's last word decoded token by token with a KV cache, one
+# verdict per item and model; greedy continuations of fixed prompts; prefill and decode
+# timed interleaved. The healing experiment adds the healed model's rows on the same
+# passages and prompts.
 
 
 def _generation_models(model, tokenizer, p):
     k = round(PAPER_SHARE * len(decoder_layers(model)))
-    cal = _calibration_windows(tokenizer, p)
-    scores = layer_importance(model, cal, "bi", tokens="all", progress=False)
-    plan = layers_to_remove(scores, k)
+    scores = _removal_scores(model, _calibration_windows(tokenizer, p), ["bi"], k, False)
+    plan = removal_plan(scores, "bi", k)
     models = {"dense": model, "removed": remove_layers(model, plan)}
     if text_config(model).model_type in GEN_SUPPORTED:  # the authors' code covers these
         models["shortgpt-gen"] = shortgpt_gen(model, plan)
@@ -945,9 +978,6 @@ def _generation_models(model, tokenizer, p):
 
 def _compute_generation(model, tokenizer, store, progress, **p) -> None:
     plan, models = _generation_models(model, tokenizer, p)
-    models["healed"] = heal(models["removed"], _train_windows(tokenizer, p), teacher=model,
-                            method=p["recipe"], steps=p["steps"], seed=p["seed"],
-                            batch_size=p["heal_batch_size"], progress=progress)
     items = load_benchmark("lambada", p["n_items"], seed=p["item_seed"])
     done = store.done("items", "model")
     for name, m in tqdm(models.items(), desc="models decoded", unit="model",
@@ -969,26 +999,24 @@ def _compute_generation(model, tokenizer, store, progress, **p) -> None:
 
 
 def _check_generation(model, tokenizer, result: Result, n_items: int = 20) -> list[str]:
-    """The plan and the first ``n_items`` verdicts of the unpruned, removed and ShortGPT-gen
-    models recomputed (healing is not redone); every model decoded on every item and timed
-    ``repeats`` times."""
+    """The plan and the first ``n_items`` verdicts of every model recomputed; every model
+    decoded on every item and timed ``repeats`` times."""
     p, problems = result.params, []
     plan, models = _generation_models(model, tokenizer, p)
     items, stored = result["items"], result["items"]["removed"].iloc[0]
     if _plan_text(plan) != str(stored):
         problems.append(f"the plan is now {_plan_text(plan)}, stored {stored}")
-    if items.groupby("model").size().ne(p["n_items"]).any() or \
-            set(items["model"]) != set(models) | {"healed"}:
+    if items.groupby("model").size().ne(p["n_items"]).any() or set(items["model"]) != set(models):
         problems.append("LAMBADA verdicts missing for some model or item")
     picked = load_benchmark("lambada", p["n_items"], seed=p["item_seed"])[:n_items]
-    for name in [m for m in ("dense", "removed", "shortgpt-gen") if m in models]:
-        got = decoded_accuracy(models[name], tokenizer, picked, progress=False)["correct"]
+    for name, m in models.items():
+        got = decoded_accuracy(m, tokenizer, picked, progress=False)["correct"]
         want = items[items["model"] == name].sort_values("item")["correct"].to_numpy()[:n_items]
         if (got != want.astype(bool)).sum() > 1:
             problems.append(f"{name}: {int((got != want.astype(bool)).sum())} of {n_items} "
                             "LAMBADA verdicts changed")
     counts = result["timings"].groupby("variant").size()
-    if set(counts.index) != set(models) | {"healed"} or not (counts == p["repeats"]).all():
+    if set(counts.index) != set(models) or not (counts == p["repeats"]).all():
         problems.append(f"timings: expected {p['repeats']} runs of every model, got "
                         f"{counts.to_dict()}")
     return problems
@@ -997,13 +1025,12 @@ def _check_generation(model, tokenizer, result: Result, n_items: int = 20) -> li
 EXPERIMENTS["generation"] = Experiment(
     "generation",
     "Generation after removal: the unpruned model, the paper's share of layers removed by "
-    "Block Influence, ShortGPT-gen over the same plan, and the removed model healed; "
-    "LAMBADA decoded per item, greedy continuations, prefill and decode timed interleaved",
+    "Block Influence, and ShortGPT-gen over the same plan; LAMBADA decoded per item, greedy "
+    "continuations, prefill and decode timed interleaved",
     _compute_generation, _check_generation,
-    defaults={"corpus": "wikipedia", "calibration": "wikipedia", "seq_len": 256,
-              "calibration_windows": 32, "train_windows": 128, "recipe": "lora", "steps": 40,
-              "heal_batch_size": 4, "seed": 0, "n_items": 500, "item_seed": 0,
-              "max_new_tokens": 32, "prompt_tokens": 256, "decode_tokens": 32, "repeats": 5},
+    defaults={"calibration": "wikipedia", "seq_len": 256, "calibration_windows": 32,
+              "n_items": 500, "item_seed": 0, "max_new_tokens": 32, "prompt_tokens": 256,
+              "decode_tokens": 32, "repeats": 5},
     tables=("items", "samples", "timings"))
 
 # The runs stored in results/, regenerated by `make results` within 90 minutes on two CPU

@@ -224,21 +224,46 @@ def test_healing_curves_draws_each_run_through_its_checkpoints():
     plt.close(fig)
 
 
-def test_generation_table_pairs_passages_against_removal():
-    right = {"dense": [1, 1, 0, 1], "removed": [0, 1, 0, 0], "healed": [1, 1, 0, 0]}
+def _generation_pair():
+    right = {"dense": [1, 1, 0, 1], "removed": [0, 1, 0, 0]}
     items = pd.DataFrame([{"model": m, "item": i, "correct": c, "removed": "1 2"}
                           for m, xs in right.items() for i, c in enumerate(xs)])
     timings = pd.DataFrame([{"variant": m, "repeat": r, "position": 0, "prefill_seconds": s + r,
                              "decode_tokens_per_s": 10.0 / (s + r)}
-                            for m, s in [("dense", 1.0), ("removed", 0.5), ("healed", 0.6)]
-                            for r in range(2)])
-    r = ex.Result("generation", "tiny", {}, {"items": items, "timings": timings,
-                                             "samples": pd.DataFrame()}, {})
-    t = curves.generation_table(r)
+                            for m, s in [("dense", 1.0), ("removed", 0.5)] for r in range(2)])
+    gen = ex.Result("generation", "tiny", {"n_items": 4, "item_seed": 0},
+                    {"items": items, "timings": timings, "samples": pd.DataFrame()}, {})
+    lambada = pd.DataFrame({"run": "bi/lora", "item": range(4), "correct": [1, 1, 0, 0],
+                            "removed": "1 2"})
+    heal = ex.Result("healing", "tiny", {"lambada_items": 4, "item_seed": 0},
+                     {"lambada": lambada}, {})
+    return gen, heal
+
+
+def test_generation_table_pairs_passages_against_removal():
+    gen, heal = _generation_pair()
+    t = curves.generation_table(gen, heal)
     assert list(t.index) == ["dense", "removed", "healed"]
     assert t.loc["dense", "lambada"] == 0.75 and t.loc["dense", "diff"] == 0.5
     assert t.loc["removed", "diff"] == 0 and t.loc["healed", "diff"] == 0.25
     assert t.loc["healed", "lambada_low"] < 0.5 < t.loc["healed", "lambada_high"]
     assert t.loc["removed", "prefill_seconds"] == 0.5 and t.loc["dense", "decode_tokens_per_s"] == 10.0
+    assert math.isnan(t.loc["healed", "prefill_seconds"])
+    assert list(curves.generation_table(gen).index) == ["dense", "removed"]
     with pytest.raises(ValueError, match="No model 'x'"):
-        curves.generation_table(r, against="x")
+        curves.generation_table(gen, against="x")
+
+
+def test_generation_table_refuses_a_healing_run_on_other_passages_or_another_plan():
+    gen, heal = _generation_pair()
+    heal.params["item_seed"] = 1
+    with pytest.raises(ValueError, match="passage seed 0 against 1"):
+        curves.generation_table(gen, heal)
+    gen, heal = _generation_pair()
+    heal.tables["lambada"]["removed"] = "1 3"
+    with pytest.raises(ValueError, match="plan 1 2 against 1 3"):
+        curves.generation_table(gen, heal)
+    gen, heal = _generation_pair()
+    heal.tables["lambada"] = None
+    with pytest.raises(ValueError, match="lambada_items > 0"):
+        curves.generation_table(gen, heal)

@@ -317,7 +317,7 @@ def test_an_interrupted_comparison_resumes_without_repeating_rows(tiny, isolated
 HEALING = {"seq_len": 32, "calibration_windows": 2, "train_windows": 8, "eval_windows": 3,
            "plans": ["bi", "reverse"], "recipes": ["lora", "bridge"], "steps": [4, 2],
            "checkpoints": 2, "heal_batch_size": 2, "tasks": ["piqa"], "n_items": 3,
-           "batch_size": 4}
+           "batch_size": 4, "lambada_items": 3, "max_new_tokens": 3}
 
 
 def test_healing_records_a_recovery_curve_per_run_on_the_same_units(tiny, isolated):
@@ -328,7 +328,7 @@ def test_healing_records_a_recovery_curve_per_run_on_the_same_units(tiny, isolat
     assert list(dict.fromkeys(runs["run"])) == ["bi/lora", "bi/bridge", "reverse/lora",
                                                 "wanda/lora"]
     assert runs.groupby("run")["step"].apply(list).to_dict() == {
-        "bi/lora": [2, 4], "bi/bridge": [1, 2], "reverse/lora": [2, 4], "wanda/lora": [2, 4]}
+        "bi/lora": [2, 4], "bi/bridge": [1, 2], "reverse/lora": [4], "wanda/lora": [4]}
     # Wanda removes as large a share of the parameters as the first plan's removed layers
     share = float(runs[runs["ordering"] == "wanda"]["removed"].iloc[0].partition("@")[2])
     one = ex.param_counts(ex.remove_layers(tiny[0], [0]))[0] / ex.param_counts(tiny[0])[0]
@@ -337,7 +337,9 @@ def test_healing_records_a_recovery_curve_per_run_on_the_same_units(tiny, isolat
     assert runs[runs["ordering"] == "reverse"]["removed"].iloc[0] == "4"  # the last block
     ppl = r["ppl"]
     assert ppl.groupby(["run", "step"]).size().eq(3).all()
+    # the first plan's recipes at every checkpoint, the other runs before and after
     assert set(ppl[ppl["run"] == "bi/lora"]["step"]) == {0, 2, 4}
+    assert set(ppl[ppl["run"] == "wanda/lora"]["step"]) == {0, 4}
     # both recipes start from the same pruned model, and training moves it
     first = ppl[ppl["step"] == 0].pivot(index="window", columns="run", values="nll")
     assert (first["bi/lora"] == first["bi/bridge"]).all()
@@ -347,6 +349,17 @@ def test_healing_records_a_recovery_curve_per_run_on_the_same_units(tiny, isolat
     items = r["items"]
     assert items.groupby(["run", "step"]).size().eq(3).all()
     assert set(items[items["run"] == "bi/bridge"]["step"]) == {0, 2}
+    # accuracy for the first plan and the width methods only
+    assert set(items["run"]) == {"dense", "bi/lora", "bi/bridge", "wanda/lora"}
+    # the first healed model on LAMBADA and the prompts, on the first plan
+    assert len(r["lambada"]) == 3 and set(r["lambada"]["run"]) == {"bi/lora"}
+    assert r["lambada"]["removed"].iloc[0] == runs["removed"].iloc[0]
+    assert set(r["samples"]["run"]) == {"bi/lora"}
+    # and pairs with a generation run of the same plan and passages
+    gen = ex.run("generation", "tiny", out=isolated / "gen", loaded=tiny, progress=False,
+                 **{**GENERATION, "n_items": 3})
+    assert list(sgl.generation_table(gen, r).index) == ["dense", "removed", "shortgpt-gen",
+                                                        "healed"]
     assert ex.check(r, loaded=tiny) == []
     stale = ex.load_result(r.path)
     stale["ppl"].loc[stale["ppl"]["step"] == 0, "nll"] += 0.01
@@ -362,15 +375,14 @@ def test_healing_records_a_recovery_curve_per_run_on_the_same_units(tiny, isolat
                **{**HEALING, "recipes": ["bridge", "lora"]})
 
 
-GENERATION = {"seq_len": 32, "calibration_windows": 2, "train_windows": 4, "steps": 2,
-              "heal_batch_size": 2, "n_items": 4, "max_new_tokens": 4, "prompt_tokens": 16,
-              "decode_tokens": 4, "repeats": 2}
+GENERATION = {"seq_len": 32, "calibration_windows": 2, "n_items": 4, "max_new_tokens": 4,
+              "prompt_tokens": 16, "decode_tokens": 4, "repeats": 2}
 
 
 def test_generation_decodes_every_model_on_the_same_items(tiny, isolated):
     r = ex.run("generation", "tiny", out=isolated / "stored", loaded=tiny, progress=False,
                **GENERATION)
-    models = ["dense", "removed", "shortgpt-gen", "healed"]
+    models = ["dense", "removed", "shortgpt-gen"]
     assert r["items"].groupby("model").size().to_dict() == dict.fromkeys(models, 4)
     assert set(r["samples"]["model"]) == set(models)
     assert r["timings"].groupby("variant").size().to_dict() == dict.fromkeys(models, 2)
