@@ -392,8 +392,8 @@ def main(argv=None) -> None:
         description="Compute a reference run into OUT/<model>/<name>/; an interrupted run "
                     "resumes. Set any parameter of the experiment as --name value.")
     experiment.add_argument("name", help="the experiment (removal, block_influence, "
-                                         "comparison, costs, healing), or all for every "
-                                         "stored run")
+                                         "comparison, costs, healing, generation), or all "
+                                         "for every stored run")
     experiment.add_argument("--model", default="smollm2-135m", help="a bundled model, a local "
                             "folder or a hub id (default smollm2-135m)")
     experiment.add_argument("--out", default="results", help="results folder (default results)")

@@ -363,7 +363,8 @@ def compare_healed(result: Result, a: str, b: str, *, when: str = "after", n_boo
     """Run ``a`` against run ``b`` of a stored healing run (``"dense"`` is the unpruned
     model), both after healing (``when="after"``) or both before it (``"before"``), on the
     same units: ``ppl`` is :func:`perplexity_ratio` over the evaluation windows (``a``
-    over ``b``), ``acc`` the accuracy of ``a`` minus that of ``b`` paired over items."""
+    over ``b``), ``acc`` the accuracy of ``a`` minus that of ``b`` paired over items (None
+    when either run was measured on perplexity only)."""
     if when not in ("before", "after"):
         raise ValueError(f"when is 'before' or 'after' healing, got {when!r}.")
     nll = _healing_nll(result)
@@ -375,10 +376,10 @@ def compare_healed(result: Result, a: str, b: str, *, when: str = "after", n_boo
         steps = nll[run].columns
         return nll[(run, steps.min() if when == "before" else steps.max())]
 
-    return {"ppl": perplexity_ratio(final(a), final(b), n_boot=n_boot, seed=seed),
-            "acc": paired_difference(_healing_verdicts(result, a, when),
-                                     _healing_verdicts(result, b, when),
-                                     n_boot=n_boot, seed=seed)}
+    scored = set(result["items"]["run"])
+    acc = paired_difference(_healing_verdicts(result, a, when), _healing_verdicts(result, b, when),
+                            n_boot=n_boot, seed=seed) if {a, b} <= scored else None
+    return {"ppl": perplexity_ratio(final(a), final(b), n_boot=n_boot, seed=seed), "acc": acc}
 
 
 def generation_table(result: Result, healing: Result | None = None, *,

@@ -204,6 +204,10 @@ def test_healing_accuracy_and_paired_comparisons_of_runs():
     assert before["ppl"]["mean"] == 0 and before["acc"]["mean"] == 0
     with pytest.raises(ValueError, match="No run 'x'"):
         curves.compare_healed(r, "x", "s")
+    # a run measured on perplexity only has no accuracy row, and no accuracy comparison
+    r.tables["items"] = r["items"][r["items"]["run"] != "s"]
+    assert list(curves.healing_accuracy(r)["run"]) == ["r"]
+    assert curves.compare_healed(r, "r", "s")["acc"] is None
     with pytest.raises(ValueError, match="before' or 'after"):
         curves.compare_healed(r, "r", "s", when="during")
 

@@ -205,6 +205,13 @@ def test_cli_parses_parameters_by_their_default_types_and_refuses_unknown_ones(m
         main(["experiment", "all", "--max-remove", "3"])
 
 
+def test_experiment_help_names_every_experiment(capsys):
+    with pytest.raises(SystemExit):
+        main(["experiment", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in ex.EXPERIMENTS)
+
+
 def test_the_library_exports_the_loader():
     assert sgl.reference is ex.reference and sgl.paired_difference is ex.paired_difference
 
