@@ -35,18 +35,20 @@ def machine() -> str:
             f"{gpu}, torch {torch.__version__}, Python {platform.python_version()}")
 
 
-def git_commit() -> str | None:
-    """The commit of the checkout this library runs from, with ``+dirty`` when its tracked
-    files differ from it; ``None`` outside a git checkout (an installed wheel)."""
-    root = Path(__file__).resolve().parent.parent
+def git_commit(root: Path | None = None) -> str | None:
+    """The commit of the checkout this library runs from (or ``root``), with ``+dirty`` when
+    its tracked files differ from it, outside ``results/``: a run that rewrites its own
+    stored tables is not running changed code. ``None`` outside a git checkout (an
+    installed wheel)."""
+    root = root or Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         return None
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=True,
                               capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
-                                "--untracked-files=no"], check=True, capture_output=True,
-                               text=True).stdout.strip()
+                                "--untracked-files=no", "--", ".", ":(exclude)results"],
+                               check=True, capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")

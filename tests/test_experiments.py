@@ -58,6 +58,28 @@ def test_a_run_stores_rows_per_window_and_item_with_provenance(tiny, isolated):
     assert r.caption.startswith("Reference run: `shortgpt-lite experiment removal --model tiny")
 
 
+def test_the_commit_is_dirty_for_changed_code_not_for_rewritten_results(tmp_path):
+    import subprocess
+
+    from shortgpt_lite.provenance import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "ppl.csv").write_text("nll\n1.0\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    clean = git_commit(tmp_path)
+    assert len(clean) == 40
+    (tmp_path / "results" / "ppl.csv").unlink()  # a run rewriting its own tables
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == clean + "+dirty"
+
+
 def test_accuracy_seeds_scores_the_items_for_the_first_seeds_only(tiny, isolated):
     r = small_run(tiny, isolated / "stored", metrics=["bi", "random"], random_seeds=3,
                   accuracy_seeds=1)
