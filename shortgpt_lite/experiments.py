@@ -878,11 +878,12 @@ def _compute_healing(model, tokenizer, store, progress, **p) -> None:
         healed = heal(pruned, train, teacher=model, method=recipe, steps=steps,
                       seed=p["seed"], batch_size=p["heal_batch_size"],
                       every=every, on_checkpoint=checkpoint, progress=False)
+        if accuracy:
+            after = _item_rows(healed, tokenizer, items, tasks, text, bs).assign(step=steps)
         if i == 0 and p["lambada_items"]:
             _healed_generation(healed, tokenizer, store, name, text, p)
         store.append("ppl", _first(("run", "step", "seconds"), pd.concat(ppl).assign(run=name)))
         if accuracy:
-            after = _item_rows(healed, tokenizer, items, tasks, text, bs).assign(step=steps)
             store.append("items", _first(("run", "step"),
                                          pd.concat([before[text][1], after]).assign(run=name)))
         store.append("runs", pd.DataFrame(curve).assign(run=name, ordering=plan,
@@ -893,13 +894,15 @@ def _compute_healing(model, tokenizer, store, progress, **p) -> None:
 def _healed_generation(healed, tokenizer, store, name, text, p) -> None:
     """The first run's healed model on the generation experiment's LAMBADA passages and
     prompts (its shapes are the removed model's, so its speed is too and is not timed)."""
-    items = load_benchmark("lambada", p["lambada_items"], seed=p["item_seed"])
-    r = decoded_accuracy(healed, tokenizer, items, progress=False)
-    store.append("lambada", pd.DataFrame({"run": name, "item": range(len(items)),
-                                          "correct": r["correct"], "removed": text}))
-    store.append("samples", generation_samples(healed, tokenizer,
-                                               max_new_tokens=p["max_new_tokens"],
-                                               progress=False).assign(run=name))
+    if store.read("lambada") is None:  # a resumed run may have written it already
+        items = load_benchmark("lambada", p["lambada_items"], seed=p["item_seed"])
+        r = decoded_accuracy(healed, tokenizer, items, progress=False)
+        store.append("lambada", pd.DataFrame({"run": name, "item": range(len(items)),
+                                              "correct": r["correct"], "removed": text}))
+    if store.read("samples") is None:
+        store.append("samples", generation_samples(healed, tokenizer,
+                                                   max_new_tokens=p["max_new_tokens"],
+                                                   progress=False).assign(run=name))
 
 
 def _check_healing(model, tokenizer, result: Result, windows: int = 2) -> list[str]:

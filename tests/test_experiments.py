@@ -404,6 +404,30 @@ def test_healing_records_a_recovery_curve_per_run_on_the_same_units(tiny, isolat
                **{**HEALING, "recipes": ["bridge", "lora"]})
 
 
+def test_a_resumed_healing_run_decodes_lambada_once(tiny, isolated, monkeypatch):
+    params = {**HEALING, "plans": ["bi"], "recipes": ["lora"], "steps": [4], "width": []}
+    real_samples, real_decode, decoded = ex.generation_samples, ex.decoded_accuracy, []
+
+    def interrupted(*args, **kwargs):  # LAMBADA is written, the continuations are not
+        raise KeyboardInterrupt
+
+    def counted(*args, **kwargs):
+        decoded.append(1)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(ex, "generation_samples", interrupted)
+    monkeypatch.setattr(ex, "decoded_accuracy", counted)
+    with pytest.raises(KeyboardInterrupt):
+        ex.run("healing", "tiny", out=isolated, loaded=tiny, progress=False, **params)
+    assert len(pd.read_csv(isolated / "tiny" / "healing" / "lambada.csv")) == 3
+    monkeypatch.setattr(ex, "generation_samples", real_samples)
+    r = ex.run("healing", "tiny", out=isolated, loaded=tiny, progress=False, **params)
+    assert len(decoded) == 1  # not decoded again on resume
+    assert len(r["lambada"]) == 3 and len(r["samples"]) == r["samples"]["prompt"].nunique()
+    assert r["ppl"].groupby(["run", "step"]).size().eq(3).all()
+    assert ex.check(r, loaded=tiny) == []
+
+
 GENERATION = {"seq_len": 32, "calibration_windows": 2, "n_items": 4, "max_new_tokens": 4,
               "prompt_tokens": 16, "decode_tokens": 4, "repeats": 2}
 
