@@ -338,10 +338,10 @@ def healing_accuracy(result: Result, *, n_boot: int = 2000, seed: int = 0) -> pd
     95% Wilson interval; ``change``, after minus before paired over items, with its 95%
     interval; and ``closed``, the share of the accuracy gap closed, with its interval.
     Runs measured on perplexity only (plans other than the first) have no row."""
-    dense = _healing_verdicts(result, "dense", "after")
+    dense, scored = _healing_verdicts(result, "dense", "after"), set(result["items"]["run"])
     rows = []
     for run, part in result["runs"].groupby("run", sort=False):
-        if run not in set(result["items"]["run"]):
+        if run not in scored:
             continue
         before, after = (_healing_verdicts(result, run, w) for w in ("before", "after"))
         row = {"run": run, "plan": part["ordering"].iloc[0], "recipe": part["recipe"].iloc[0],
@@ -397,19 +397,17 @@ def generation_table(result: Result, healing: Result | None = None, *,
         raise ValueError(f"No model {against!r} in this generation run; it has "
                          f"{', '.join(verdicts.columns)}.")
     speeds = summarise_speeds(result["timings"].rename(columns={"variant": "model"}))
+    speeds = speeds.reindex(verdicts.columns)  # NaN for the healed model, which is not timed
     rows = []
     for model in verdicts.columns:
         v = verdicts[model]
         low, high = binomial_ci(int(v.sum()), len(v))
         d = paired_difference(v, verdicts[against], n_boot=n_boot, seed=seed)
-        timed = model in speeds.index
         rows.append({"model": model, "n": len(v), "lambada": float(v.mean()), "lambada_low": low,
                      "lambada_high": high, "diff": d["mean"], "diff_low": d["low"],
                      "diff_high": d["high"],
-                     "prefill_seconds": float(speeds.loc[model, "prefill_seconds"])
-                     if timed else math.nan,
-                     "decode_tokens_per_s": float(speeds.loc[model, "decode_tokens_per_s"])
-                     if timed else math.nan})
+                     "prefill_seconds": float(speeds.loc[model, "prefill_seconds"]),
+                     "decode_tokens_per_s": float(speeds.loc[model, "decode_tokens_per_s"])})
     return pd.DataFrame(rows).set_index("model")
 
 

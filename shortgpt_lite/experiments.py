@@ -805,6 +805,12 @@ def _measures_accuracy(plan: str, p) -> bool:
     return plan == p["plans"][0] or plan in p["width"]
 
 
+def _checkpoints(plan: str, p) -> int:
+    """Checkpoints after step 0: the first plan's recipe curves have ``checkpoints``, the
+    other runs only their end."""
+    return p["checkpoints"] if plan == p["plans"][0] else 1
+
+
 def _check_healing_params(p) -> None:
     if len(p["steps"]) != len(p["recipes"]):
         raise ValueError(f"steps gives {len(p['steps'])} budgets for {len(p['recipes'])} "
@@ -874,7 +880,7 @@ def _compute_healing(model, tokenizer, store, progress, **p) -> None:
             ppl.append(_ppl_rows(m, ev, text, bs).assign(step=step, seconds=seconds))
             curve.append({"step": step, "seconds": seconds, "loss": loss})
 
-        every = steps // p["checkpoints"] if plan == p["plans"][0] else steps
+        every = steps // _checkpoints(plan, p)
         healed = heal(pruned, train, teacher=model, method=recipe, steps=steps,
                       seed=p["seed"], batch_size=p["heal_batch_size"],
                       every=every, on_checkpoint=checkpoint, progress=False)
@@ -921,9 +927,8 @@ def _check_healing(model, tokenizer, result: Result, windows: int = 2) -> list[s
             problems.append(f"{name}: the stored plan {stored['removed'].iloc[0]} is not the "
                             f"one the stored scores give, {text}")
         rows, plan = ppl[ppl["run"] == name], stored["ordering"].iloc[0]
-        steps = p["checkpoints"] + 1 if plan == p["plans"][0] else 2
         if rows.groupby("step").size().ne(p["eval_windows"]).any() or \
-                rows["step"].nunique() != steps:
+                rows["step"].nunique() != _checkpoints(plan, p) + 1:
             problems.append(f"{name}: perplexity rows missing at some checkpoint")
         counted = result["items"].groupby("run").size().get(name, 0)
         if counted != (2 * len(p["tasks"]) * p["n_items"] if _measures_accuracy(plan, p) else 0):
