@@ -124,11 +124,15 @@ def test_pages_workflow_builds_and_publishes_the_book():
 PART_ONE = ["00_first_look", "01_layer_similarity", "02_block_influence", "03_layer_removal"]
 
 
-@pytest.mark.parametrize("name", PART_ONE)
-def test_part_one_setup_cells_install_what_the_chapter_uses_and_fold_away(name):
-    """In Colab the first code cell installs the library with its stored reference runs,
-    both bundled models (the chapters show the other model beside the first) and the data;
-    in the book it is folded away."""
+CHAPTERS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9]*.ipynb"))
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_setup_cells_install_what_the_chapter_uses_and_fold_away(name):
+    """In Colab the first code cell of every chapter installs the library with its stored
+    reference runs (without them a chapter recomputes them), both bundled models (the
+    chapters show the other model beside the first) and the data; in the book it is folded
+    away."""
     nb = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
     setup = next(c for c in nb["cells"] if c["cell_type"] == "code")
     source = "".join(setup["source"])
