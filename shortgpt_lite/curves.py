@@ -194,17 +194,22 @@ def _variant_verdicts(result: Result, name: str) -> pd.Series:
     return part.set_index("item")["correct"]
 
 
-def compare_variants(result: Result, a: str, b: str, *, n_boot: int = 2000,
-                     seed: int = 0) -> dict:
+def compare_variants(result: Result, a: str, b: str, *, corpus: str | None = None,
+                     n_boot: int = 2000, seed: int = 0) -> dict:
     """Variant ``a`` against ``b`` of a stored comparison run, on the same units:
-    ``ppl`` is :func:`perplexity_ratio` over every evaluation window of every corpus pooled
-    (``a`` over ``b``), and ``acc`` the accuracy of ``a`` minus that of ``b``, paired over
-    every benchmark item (:func:`paired_difference`)."""
+    ``ppl`` is :func:`perplexity_ratio` over every evaluation window of every corpus pooled,
+    or of ``corpus`` alone (``a`` over ``b``), and ``acc`` the accuracy of ``a`` minus that
+    of ``b``, paired over every benchmark item (:func:`paired_difference`)."""
     nll = _variant_nll(result)
     for name in (a, b):
         if name not in nll.columns:
             raise ValueError(f"No variant {name!r} in this run; it has "
                              f"{', '.join(map(str, nll.columns))}.")
+    if corpus is not None:
+        corpora = list(dict.fromkeys(nll.index.get_level_values("corpus")))
+        if corpus not in corpora:
+            raise ValueError(f"No corpus {corpus!r} in this run; it has {', '.join(corpora)}.")
+        nll = nll.loc[corpus]
     return {"ppl": perplexity_ratio(nll[a], nll[b], n_boot=n_boot, seed=seed),
             "acc": paired_difference(_variant_verdicts(result, a), _variant_verdicts(result, b),
                                      n_boot=n_boot, seed=seed)}

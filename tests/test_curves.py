@@ -157,6 +157,11 @@ def test_compare_variants_pairs_windows_and_items():
     assert d["acc"]["mean"] == pytest.approx(-0.25) and d["acc"]["n"] == 4
     with pytest.raises(ValueError, match="No variant 'c'"):
         curves.compare_variants(r, "c", "a")
+    code = curves.compare_variants(r, "b", "a", corpus="code")
+    assert code["ppl"]["ratio"] == pytest.approx(math.exp(np.mean([0.3, -0.3, 0.4])))
+    assert code["ppl"]["n"] == 3 and code["acc"]["mean"] == pytest.approx(-0.25)
+    with pytest.raises(ValueError, match="No corpus 'law' in this run; it has code, wiki"):
+        curves.compare_variants(r, "b", "a", corpus="law")
 
 
 def _healing_result():
