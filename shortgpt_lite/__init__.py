@@ -61,7 +61,15 @@ from .curves import (
 )
 
 # Evaluation and cost
-from .costs import cost, param_breakdown, param_counts, prefill_and_decode, serialized_bytes
+from .costs import (
+    cost,
+    param_breakdown,
+    param_counts,
+    prefill_and_decode,
+    serialized_bytes,
+    speed_runs,
+    summarise_speeds,
+)
 from .evaluate import (
     DEFAULT_SUITE,
     GENERATION_PROMPTS,
@@ -152,7 +160,7 @@ __all__ = [
     "decoded_accuracy",
     "evaluate_choices", "evaluate_suite", "generation_samples", "loglikelihoods",
     "param_breakdown", "param_counts", "perplexity", "prefill_and_decode", "score_items", "serialized_bytes",
-    "text_perplexity",
+    "speed_runs", "summarise_speeds", "text_perplexity",
     # baselines and the comparison
     "DEFAULT_CORPORA", "DOMAINS", "METHODS", "ContextPlan", "ContextStatistics",
     "VocabularyMap", "compare", "context_plan", "context_prune", "context_statistics",
