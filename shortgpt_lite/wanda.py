@@ -20,9 +20,9 @@ only one block's activations are alive at a time. Sequences are capped at
 anything (the reference code allocates 128 × max_pos × hidden and runs out of memory on
 Llama-3).
 
-Sparsity is a fraction in [0, 1) (the same count of zeros in every row) or ``"N:M"``:
-in every group of M consecutive inputs of a row exactly N weights are zeroed (the
-paper reports 2:4 and 4:8). Masks are applied as zeros in the weights, so a pruned model is a plain
+Sparsity is a fraction in [0, 1) (the same count of zeros in every row) or ``"N:M"`` in
+NVIDIA's and the paper's convention: in every group of M consecutive inputs of a row, N
+weights are kept and the M - N lowest-scoring are zeroed (the paper reports 2:4 and 4:8). Masks are applied as zeros in the weights, so a pruned model is a plain
 transformers model that saves and reloads as it is; :func:`sparsity_report` reads the
 achieved sparsity of every layer back from the zeros.
 """
@@ -62,7 +62,8 @@ __all__ = [
 
 
 def _parse_sparsity(sparsity) -> tuple[float, tuple[int, int] | None]:
-    """``(fraction, (n, m) or None)`` from a fraction in [0, 1) or an ``"N:M"`` string."""
+    """``(fraction zeroed, (n, m) or None)`` from a fraction in [0, 1) or an ``"N:M"`` string,
+    which keeps N weights of every M."""
     if isinstance(sparsity, (tuple, list)) and len(sparsity) == 2:
         sparsity = f"{sparsity[0]}:{sparsity[1]}"
     if isinstance(sparsity, str):
@@ -72,9 +73,10 @@ def _parse_sparsity(sparsity) -> tuple[float, tuple[int, int] | None]:
                              "'N:M' or a fraction in [0, 1).")
         n, m = int(found[1]), int(found[2])
         if not 1 <= n < m:
-            raise ValueError(f"N:M sparsity needs 1 <= N < M, got {n}:{m}: N weights are zeroed in "
-                             "every group of M, so N must be smaller than M (e.g. '2:4', '4:8').")
-        return n / m, (n, m)
+            raise ValueError(f"N:M sparsity needs 1 <= N < M, got {n}:{m}: N weights are kept in "
+                             "every group of M and the other M - N zeroed, so N must be at least 1 "
+                             "and smaller than M (e.g. '2:4', '4:8').")
+        return (m - n) / m, (n, m)
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
         raise ValueError(
             f"sparsity must be a fraction in [0, 1) or 'N:M', got {sparsity!r}.")
@@ -139,8 +141,8 @@ def sparsity_mask(scores: torch.Tensor, sparsity=0.5, *, per: str = "row") -> to
       scores (Wanda's per-output comparison group);
     * ``per="layer"``: the ``round(s · out · in)`` lowest scores of the whole matrix
       (the classic magnitude-pruning comparison group);
-    * ``"N:M"``: in every row, the N lowest of each group of M consecutive inputs
-      (``per`` is ignored).
+    * ``"N:M"``: in every row, the M - N lowest of each group of M consecutive inputs, so
+      that N are kept (NVIDIA's and the Wanda paper's convention; ``per`` is ignored).
 
     Ties go to the lower index, so a mask is the same on every run.
     """
@@ -155,7 +157,7 @@ def sparsity_mask(scores: torch.Tensor, sparsity=0.5, *, per: str = "row") -> to
             raise ValueError(f"N:M sparsity needs the number of inputs ({in_f}) to be a multiple "
                              f"of M={m}; use a fraction instead for this layer.")
         groups = scores.reshape(out_f, in_f // m, m)
-        lowest = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
+        lowest = torch.sort(groups, dim=-1, stable=True).indices[..., :m - n]
         return mask.reshape(out_f, in_f // m, m).scatter_(-1, lowest, True).reshape(out_f, in_f)
     if per == "row":
         k = round(fraction * in_f)

@@ -262,3 +262,38 @@ def test_the_library_imports_without_nbformat_and_says_what_to_install(tmp_path)
     assert run.returncode == 0, run.stderr
     assert "pip install 'shortgpt-lite[course]'" in run.stdout
     assert not (tmp_path / "out.ipynb").exists()
+
+
+def _exercise_cells(number: int) -> tuple[str, str]:
+    """The solution and the check source of one exercise of the book's notebook."""
+    cells = _sections(nbformat.read(EXERCISES, as_version=4))[number]
+    solution = next(c.source for c in cells if "solution" in c.metadata.get("tags", []))
+    check = next(c.source for c in cells if "check" in c.metadata.get("tags", []))
+    return solution, check
+
+
+def _run_check(check: str, namespace: dict) -> None:
+    exec(compile(check, "check", "exec"), namespace)
+
+
+@pytest.mark.parametrize("wrong", [
+    "[..., :n]",           # zeroes N of every M, the other reading of N:M
+    "[..., m - n:]",       # zeroes the highest scores
+])
+def test_exercise_3_check_rejects_a_wrong_nm_mask_and_passes_the_solution(wrong):
+    """The N:M check runs on synthetic scores and tries 1:4 as well as 2:4 and 4:8, so the
+    convention that zeroes N of every M, which agrees with it on 2:4 and 4:8, is caught."""
+    import torch
+
+    import shortgpt_lite as sgl
+
+    solution, check = _exercise_cells(3)
+    scores = torch.rand(6, 16, generator=torch.Generator().manual_seed(0))
+    namespace = {"sgl": sgl, "torch": torch, "wanda": scores}
+    exec(compile(solution, "solution", "exec"), namespace)
+    _run_check(check, namespace)
+    assert "[..., :m - n]" in solution
+    namespace["my_nm_mask"] = None
+    exec(compile(solution.replace("[..., :m - n]", wrong), "wrong", "exec"), namespace)
+    with pytest.raises(AssertionError):
+        _run_check(check, namespace)

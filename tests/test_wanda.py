@@ -64,6 +64,12 @@ def test_wanda_mask_by_hand():
     assert torch.equal(sparsity_mask(scores, "2:4"), expected)
     one_two = torch.tensor([[False, True, False, True], [False, True, False, True]])
     assert torch.equal(sparsity_mask(scores, "1:2"), one_two)
+    # N:M keeps N of every M (NVIDIA's and the paper's convention): 1:4 zeroes the 3 lowest,
+    # 3:4 the lowest one. Row 0 is [5, 2, 3, 1], row 1 [20, 3, 2, 0.25].
+    assert torch.equal(sparsity_mask(scores, "1:4"), torch.tensor([[False, True, True, True],
+                                                                   [False, True, True, True]]))
+    assert torch.equal(sparsity_mask(scores, "3:4"), torch.tensor([[False, False, False, True],
+                                                                   [False, False, False, True]]))
 
 
 def test_wanda_prune_applies_the_hand_mask_to_a_linear_in_a_model():
