@@ -22,9 +22,10 @@ Llama-3).
 
 Sparsity is a fraction in [0, 1) (the same count of zeros in every row) or ``"N:M"`` in
 NVIDIA's and the paper's convention: in every group of M consecutive inputs of a row, N
-weights are kept and the M - N lowest-scoring are zeroed (the paper reports 2:4 and 4:8). Masks are applied as zeros in the weights, so a pruned model is a plain
-transformers model that saves and reloads as it is; :func:`sparsity_report` reads the
-achieved sparsity of every layer back from the zeros.
+weights are kept and the M - N lowest-scoring are zeroed (the paper reports 2:4 and 4:8).
+Masks are applied as zeros in the weights, so a pruned model is a plain transformers model
+that saves and reloads as it is; :func:`sparsity_report` reads the achieved sparsity of
+every layer back from the zeros.
 """
 
 from __future__ import annotations
