@@ -316,6 +316,8 @@ def cost(model, seq_len: int = 512, decode_tokens: int = 32, repeats: int = 5,
       every allocation including the allocator's slack. ``peak_memory_measure`` says which;
     * ``prefill_seconds``, ``decode_tokens_per_s`` and their spreads: the fastest of
       ``repeats`` runs, all models timed together, interleaved (:func:`speed_runs`).
+      ``repeats=0`` times nothing and returns the sizes and memory alone, for models
+      whose speed is measured elsewhere or is of no interest.
 
     ``model`` is one model (returns a dict) or a mapping ``{name: model}`` (returns a
     DataFrame indexed by name, so a dense and a pruned model sit side by side).
@@ -327,12 +329,16 @@ def cost(model, seq_len: int = 512, decode_tokens: int = 32, repeats: int = 5,
         models = dict(model)
     else:
         models = {"model": model}
+    if repeats < 0:
+        raise ValueError(f"repeats={repeats}: give the number of timed runs, or 0 to measure "
+                         "sizes and memory only.")
     sizes = {name: _size_and_memory(m, seq_len, decode_tokens, seed)
              for name, m in tqdm(models.items(), desc="sizes", disable=not progress)}
-    speeds = summarise_speeds(speed_runs(models, seq_len, decode_tokens, repeats, seed,
-                                         progress=progress))
-    table = pd.DataFrame.from_dict(sizes, orient="index").join(speeds)
-    table["timing_repeats"] = table["timing_repeats"].astype(int)
+    table = pd.DataFrame.from_dict(sizes, orient="index")
+    if repeats:
+        table = table.join(summarise_speeds(speed_runs(models, seq_len, decode_tokens, repeats,
+                                                       seed, progress=progress)))
+        table["timing_repeats"] = table["timing_repeats"].astype(int)
     if isinstance(model, Mapping):
         return table
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in table.iloc[0].items()}

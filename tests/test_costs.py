@@ -46,6 +46,21 @@ def test_cost_counts_parameters_and_measures_speed(tiny):
         cost(model, seq_len=128, decode_tokens=4)
 
 
+def test_cost_without_repeats_measures_memory_and_times_nothing(tiny, monkeypatch):
+    model, _ = tiny
+    import shortgpt_lite.costs as costs
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("repeats=0 must not time the models")
+
+    monkeypatch.setattr(costs, "speed_runs", no_timing)
+    table = cost({"dense": model}, seq_len=16, decode_tokens=4, repeats=0)
+    assert table.loc["dense", "peak_memory_bytes"] >= table.loc["dense", "weights_bytes"] > 0
+    assert not {"prefill_seconds", "decode_tokens_per_s", "timing_repeats"} & set(table.columns)
+    with pytest.raises(ValueError, match="repeats=-1"):
+        cost(model, seq_len=16, decode_tokens=4, repeats=-1)
+
+
 def test_cost_decodes_without_deprecation_warnings(tiny, capfd):
     """The decode loop passes the KV cache under the name this transformers version uses."""
     from transformers.utils import logging as hf_logging
