@@ -6,7 +6,7 @@ domain leaves idle:
 
 * **Linear layers**: the mean absolute output of each output neuron ``j`` over
   the calibration tokens, :math:`a_j = \\frac1T\\sum_t |y_{t,j}|`; a neuron whose
-  normalised value falls below a threshold loses its row of ``W`` (and its bias).
+  value falls below a threshold loses its row of ``W`` (and its bias).
 * **Activation layers**: the same for each MLP activation neuron. For the gated
   MLPs of Llama-family models, ``down(act(gate x) ⊙ up x)``, the neuron's value is the
   input of ``down_proj``, :math:`h_j = \\mathrm{act}(g_j) u_j`: what the neuron passes
@@ -15,9 +15,11 @@ domain leaves idle:
 * **Embeddings**: token frequencies in the domain's text; tokens the domain never
   uses lose their embedding row. Special tokens are always kept.
 
-The values are normalised per layer, :math:`\\hat a_j = a_j / \\max_k a_k \\in [0, 1]`,
-so one threshold means the same in every layer (the paper uses 1e-3 for mild and 1e-1
-for aggressive pruning). Instead of a threshold, ``fraction`` prunes the lowest share
+Here the values are normalised per layer, :math:`\\hat a_j = a_j / \\max_k a_k \\in [0, 1]`,
+so one threshold means the same in every layer. That is this library's variant: the
+paper's released code compares the raw mean :math:`a_j` with its thresholds (1e-3 for
+mild and 1e-1 for aggressive pruning), so the same number prunes different shares in
+layers of different scale. Instead of a threshold, ``fraction`` prunes the lowest share
 of neurons in every layer, which fixes the size in advance.
 
 The paper only zeroes weights. ``context_prune(..., physical=True)`` also removes the
