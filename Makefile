@@ -108,9 +108,11 @@ gpu-bench:
 	    print(''.join(''.join(o.get('text', [])) for c in nb['cells'] for o in c.get('outputs', []) \
 	                  if 'semi_structured' in ''.join(c['source'])))" | tee _build/gpu/2of4.txt
 
-# The assignments without their solutions, for instructors to hand out.
+# The assignments without their solutions, for students: the copy in student/ is what the
+# book's "student version" Colab link opens, and a test checks that it is up to date.
 student: install
-	$(BIN)/shortgpt-lite student notebooks/08_assignments.ipynb _build/student/08_assignments.ipynb
+	$(BIN)/shortgpt-lite student notebooks/08_assignments.ipynb student/08_assignments.ipynb \
+	    --colab-path student/08_assignments.ipynb
 
 # Rerun every chapter with papermill for each model; executed copies go to runs/<model>/.
 # SWEEP_ARGS adds papermill options to every run, e.g. SWEEP_ARGS="-p device cuda".

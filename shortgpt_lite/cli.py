@@ -200,7 +200,7 @@ def cmd_student(args) -> None:
         raise SystemExit(f"{args.source} is not a file; pass the exercise notebook, e.g. "
                          "notebooks/08_assignments.ipynb.")
     try:
-        nb = student_version(args.source, args.destination)
+        nb = student_version(args.source, args.destination, colab_path=args.colab_path)
     except ValueError as err:
         raise SystemExit(str(err)) from None
     stubs = sum(1 for c in nb.cells if SOLUTION_TAG in c.metadata.get("tags", []))
@@ -385,6 +385,9 @@ def main(argv=None) -> None:
                                   "notebook: solutions replaced by stubs, outputs stripped")
     student.add_argument("source", help="the exercise notebook with solutions")
     student.add_argument("destination", help="where to write the student notebook")
+    student.add_argument("--colab-path", default=None,
+                         help="the student notebook's path in the repository, which its Open "
+                         "in Colab links then open (default: drop those links)")
     student.set_defaults(run=cmd_student)
 
     experiment = commands.add_parser(

@@ -21,6 +21,11 @@ reads ``Exercise N``. Every output of the notebook is stripped (an executed solu
 its own answers), the ``hide-input`` tag is taken off the solution cells (in the rendered
 book it hides the solution behind a toggle; a student must see the stub), and every other
 cell, the check cells included, is copied unchanged.
+
+One thing in the markdown changes: an *Open in Colab* link of the solved notebook would
+open the solutions. With ``colab_path`` (the student file's path in the same repository)
+every Colab link is pointed at the student file; without it, Colab badges are dropped and
+other Colab links keep only their text.
 """
 
 from __future__ import annotations
@@ -41,6 +46,19 @@ END = "# END SOLUTION"
 
 _MARKER = re.compile(r"^(?P<indent>[ \t]*)#+[ \t]*(?P<kind>BEGIN|END)[ \t]+SOLUTION[ \t]*$")
 _EXERCISE = re.compile(r"^#{1,6}[ \t]+Exercise[ \t]+(?P<label>[0-9A-Za-z.]+)", re.MULTILINE)
+_COLAB = re.compile(r"https://colab\.research\.google\.com/github/[^/\s)]+/[^/\s)]+/blob/"
+                    r"[^/\s)]+/(?P<path>[^\s)]+?\.ipynb)")
+_BADGE = re.compile(r"\[!\[[^\]]*\]\([^)]*\)\]\((?P<url>[^)\s]+)\)\n?")
+_LINK = re.compile(r"\[(?P<text>[^\]]*)\]\((?P<url>[^)\s]+)\)")
+
+
+def _retarget_colab(text: str, colab_path: str | None) -> str:
+    """``text`` with every Colab link opening ``colab_path``, or, without one, with no Colab
+    badge and no Colab link left (a link's text stays)."""
+    if colab_path:
+        return _COLAB.sub(lambda m: m[0][:m.start("path") - m.start()] + colab_path, text)
+    text = _BADGE.sub(lambda m: "" if _COLAB.fullmatch(m["url"]) else m[0], text)
+    return _LINK.sub(lambda m: m["text"] if _COLAB.fullmatch(m["url"]) else m[0], text)
 
 
 def _stub(indent: str, label: str) -> str:
@@ -83,7 +101,7 @@ def _replace_solutions(source: str, label: str, where: str) -> str:
     return "\n".join(out)
 
 
-def student_version(source, destination) -> nbformat.NotebookNode:
+def student_version(source, destination, colab_path: str | None = None) -> nbformat.NotebookNode:
     """Write the student version of the exercise notebook ``source`` to ``destination``.
 
     In every code cell tagged ``solution``, each region from ``# BEGIN SOLUTION`` to
@@ -91,7 +109,10 @@ def student_version(source, destination) -> nbformat.NotebookNode:
     ``raise NotImplementedError("Exercise N: write your solution here")`` at the
     indentation of the BEGIN marker; code outside the markers (signatures, docstrings,
     given variables) stays. Those cells lose the ``hide-input`` tag. All outputs and
-    execution counts of the notebook are removed; every other cell is copied as it is.
+    execution counts of the notebook are removed. Colab links in the markdown open
+    ``colab_path`` (a path in the repository, such as ``student/08_assignments.ipynb``),
+    or are dropped when it is ``None``, so that none opens the solutions. Every other cell
+    is copied as it is.
 
     Returns the student notebook, which is also validated against the nbformat schema
     before it is written. ``ValueError`` if a solution cell has no markers or unbalanced
@@ -118,6 +139,7 @@ def student_version(source, destination) -> nbformat.NotebookNode:
                              f"'{SOLUTION_TAG}'; only code cells can hold solutions. Move the "
                              "answer into a code cell, or drop the tag.")
         if cell.cell_type == "markdown":
+            cell.source = _retarget_colab(cell.source, colab_path)
             found = _EXERCISE.findall(cell.source)
             if found:
                 label = f"Exercise {found[-1]}"

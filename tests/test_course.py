@@ -176,6 +176,24 @@ def test_cli_writes_the_student_notebook(tmp_path, capsys):
     assert "secret_helper" not in json.dumps(student)
 
 
+SOLVED_BADGE = ("[![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+                "(https://colab.research.google.com/github/o/r/blob/main/notebooks/ex.ipynb)")
+
+
+@pytest.mark.parametrize("colab_path", ["student/ex.ipynb", None])
+def test_colab_links_never_open_the_solutions(tmp_path, colab_path):
+    source = tmp_path / "ex.ipynb"
+    intro = (f"# Exercises\n\n{SOLVED_BADGE}\n\nOr [open it](https://colab.research.google.com/"
+             "github/o/r/blob/main/notebooks/ex.ipynb), see [the docs](https://example.org).")
+    nbformat.write(_notebook(_cell(new_markdown_cell, intro)), source)
+    text = student_version(source, tmp_path / "out.ipynb", colab_path=colab_path).cells[0].source
+    assert "notebooks/ex.ipynb" not in text and "[the docs](https://example.org)" in text
+    if colab_path:
+        assert text.count("/blob/main/student/ex.ipynb)") == 2 and "colab-badge.svg" in text
+    else:
+        assert "colab" not in text and "Or open it, see" in text
+
+
 def test_cli_turns_errors_into_messages(tmp_path):
     with pytest.raises(SystemExit, match="is not a file"):
         main(["student", str(tmp_path / "missing.ipynb"), str(tmp_path / "out.ipynb")])
@@ -219,6 +237,8 @@ def test_every_exercise_has_a_marked_solution_and_a_check():
         assert solutions, f"exercise {number} has no solution cell"
         assert checks, f"exercise {number} has no check cell"
         assert any(f"Exercise {number}: correct" in c.source for c in checks), number
+        # the check's output gives the answer away: the rendered book leaves it out
+        assert all("remove-output" in c.metadata["tags"] for c in checks), number
         for cell in solutions:
             assert "hide-input" in cell.metadata["tags"], number
             lines = [line.strip() for line in cell.source.splitlines()]
@@ -244,6 +264,16 @@ def test_student_version_of_the_book_exercises(tmp_path):
         assert body and not any(json.dumps(line)[1:-1] in text for line in body
                                 if len(line) > 25), body[0]
     assert all(not c.get("outputs") for c in student.cells)
+
+
+def test_the_committed_student_version_is_up_to_date(tmp_path):
+    """student/08_assignments.ipynb, which the book's student link opens in Colab, is what
+    `make student` writes from the current exercises: regenerate it after editing them."""
+    committed = ROOT / "student" / "08_assignments.ipynb"
+    fresh = tmp_path / "08_assignments.ipynb"
+    student_version(EXERCISES, fresh, colab_path="student/08_assignments.ipynb")
+    assert fresh.read_text() == committed.read_text(), "run `make student` and commit the result"
+    assert "blob/main/notebooks/08_assignments.ipynb" not in fresh.read_text()
 
 
 def test_the_library_imports_without_nbformat_and_says_what_to_install(tmp_path):
