@@ -322,3 +322,72 @@ def test_exercise_3_check_rejects_a_wrong_nm_mask_and_passes_the_solution(wrong)
     exec(solution.replace("[..., :m - n]", wrong), namespace)
     with pytest.raises(AssertionError):
         exec(check, namespace)
+
+
+def _wanda_namespace():
+    import torch
+
+    import shortgpt_lite as sgl
+
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randn(40, 16, generator=g) * torch.rand(16, generator=g) * 4
+    return {"sgl": sgl, "torch": torch, "name": "a test layer", "inputs": inputs,
+            "weight": torch.randn(6, 16, generator=g), "wanda_sparsity": 0.5}
+
+
+K_ROW = "k_row = round(sparsity * weight.shape[1])"
+
+
+@pytest.mark.parametrize("wrong", [
+    ("scores = weight.float().abs() * norms[None, :]", "scores = weight.float().abs()"),
+    (K_ROW, "k_row = weight.shape[1] // 2"),
+    (K_ROW, "k_row = int(sparsity * weight.shape[1])"),
+], ids=["magnitude", "sparsity-ignored", "floor"])
+def test_exercise_2_check_rejects_wrong_wanda_masks_and_passes_the_solution(wrong):
+    """Exercise 2's check tries a second, random layer at another sparsity, so a mask that
+    ignores the input norms, the sparsity or the rounding is caught."""
+    solution, check = _exercise_cells(2)
+    namespace = _wanda_namespace()
+    exec(solution, namespace)
+    exec(check, namespace)
+    right, mutant = wrong
+    assert right in solution
+    exec(solution.replace(right, mutant), namespace)
+    with pytest.raises(AssertionError):
+        exec(check, namespace)
+
+
+RETURN = "    return pruned.eval(), reloaded.to(pruned.device).eval()"
+
+
+@pytest.mark.parametrize("wrong", [
+    ("    pruned.save_pretrained(folder)\n", "", (OSError, ValueError)),  # nothing saved: no reload
+    (RETURN, "    return pruned, pruned", AssertionError),  # no reload
+    (RETURN, "    return pruned, copy.deepcopy(pruned)", AssertionError),  # not what was saved
+    (RETURN, "    return pruned, type(pruned)(pruned.config)", AssertionError),  # a fresh model
+    ('scores=scores, metric="bi"', "", AssertionError),  # the plan's origin not recorded
+], ids=["no-save", "no-reload", "copy", "fresh-model", "no-record"])
+def test_exercise_5_check_rejects_answers_that_skip_saving_or_reloading(tmp_path, wrong):
+    import copy
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import shortgpt_lite as sgl
+    from tiny import tiny_llama
+
+    solution, check = _exercise_cells(5)
+    lm = tiny_llama(layers=4).eval()
+    namespace = {"sgl": sgl, "torch": torch, "tempfile": tempfile, "copy": copy,
+                 "AutoModelForCausalLM": AutoModelForCausalLM, "lm": lm, "L": 4, "k": 2,
+                 "plan": [1, 2], "bi": torch.tensor([0.5, 0.1, 0.2, 0.9]),
+                 "evaluation": torch.randint(0, 128, (2, 64),
+                                             generator=torch.Generator().manual_seed(0))}
+    exec(solution, namespace)
+    exec(check, namespace)
+    right, mutant, error = wrong
+    assert right in solution
+    exec(solution.replace(right, mutant), namespace)
+    with pytest.raises(error):
+        exec(check, namespace)
