@@ -302,6 +302,18 @@ def _exercise_cells(number: int) -> tuple[str, str]:
     return solution, check
 
 
+def _check_passes_then_rejects(number, namespace, right, wrong, error=AssertionError):
+    """Run exercise ``number``'s reference solution and check in ``namespace`` (the check must
+    pass), then the solution with ``right`` replaced by ``wrong`` (the check must fail)."""
+    solution, check = _exercise_cells(number)
+    exec(solution, namespace)
+    exec(check, namespace)
+    assert right in solution
+    exec(solution.replace(right, wrong), namespace)
+    with pytest.raises(error):
+        exec(check, namespace)
+
+
 @pytest.mark.parametrize("wrong", [
     "[..., :n]",           # zeroes N of every M, the other reading of N:M
     "[..., m - n:]",       # zeroes the highest scores
@@ -313,15 +325,9 @@ def test_exercise_3_check_rejects_a_wrong_nm_mask_and_passes_the_solution(wrong)
 
     import shortgpt_lite as sgl
 
-    solution, check = _exercise_cells(3)
     scores = torch.rand(6, 16, generator=torch.Generator().manual_seed(0))
-    namespace = {"sgl": sgl, "torch": torch, "wanda": scores}
-    exec(solution, namespace)
-    exec(check, namespace)
-    assert "[..., :m - n]" in solution
-    exec(solution.replace("[..., :m - n]", wrong), namespace)
-    with pytest.raises(AssertionError):
-        exec(check, namespace)
+    _check_passes_then_rejects(3, {"sgl": sgl, "torch": torch, "wanda": scores},
+                               "[..., :m - n]", wrong)
 
 
 def _wanda_namespace():
@@ -346,15 +352,7 @@ K_ROW = "k_row = round(sparsity * weight.shape[1])"
 def test_exercise_2_check_rejects_wrong_wanda_masks_and_passes_the_solution(wrong):
     """Exercise 2's check tries a second, random layer at another sparsity, so a mask that
     ignores the input norms, the sparsity or the rounding is caught."""
-    solution, check = _exercise_cells(2)
-    namespace = _wanda_namespace()
-    exec(solution, namespace)
-    exec(check, namespace)
-    right, mutant = wrong
-    assert right in solution
-    exec(solution.replace(right, mutant), namespace)
-    with pytest.raises(AssertionError):
-        exec(check, namespace)
+    _check_passes_then_rejects(2, _wanda_namespace(), *wrong)
 
 
 RETURN = "    return pruned.eval(), reloaded.to(pruned.device).eval()"
@@ -377,17 +375,10 @@ def test_exercise_5_check_rejects_answers_that_skip_saving_or_reloading(tmp_path
     import shortgpt_lite as sgl
     from tiny import tiny_llama
 
-    solution, check = _exercise_cells(5)
     lm = tiny_llama(layers=4).eval()
     namespace = {"sgl": sgl, "torch": torch, "tempfile": tempfile, "copy": copy,
                  "AutoModelForCausalLM": AutoModelForCausalLM, "lm": lm, "L": 4, "k": 2,
                  "plan": [1, 2], "bi": torch.tensor([0.5, 0.1, 0.2, 0.9]),
                  "evaluation": torch.randint(0, 128, (2, 64),
                                              generator=torch.Generator().manual_seed(0))}
-    exec(solution, namespace)
-    exec(check, namespace)
-    right, mutant, error = wrong
-    assert right in solution
-    exec(solution.replace(right, mutant), namespace)
-    with pytest.raises(error):
-        exec(check, namespace)
+    _check_passes_then_rejects(5, namespace, *wrong)
