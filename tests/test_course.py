@@ -230,7 +230,7 @@ def _sections(nb):
 def test_every_exercise_has_a_marked_solution_and_a_check():
     nb = nbformat.read(EXERCISES, as_version=4)
     sections = _sections(nb)
-    assert sorted(sections) == list(range(1, len(sections) + 1)) and len(sections) >= 6
+    assert sorted(sections) == list(range(1, len(sections) + 1)) and len(sections) >= 10
     for number, cells in sections.items():
         solutions = [c for c in cells if "solution" in c.metadata.get("tags", [])]
         checks = [c for c in cells if "check" in c.metadata.get("tags", [])]
@@ -382,3 +382,168 @@ def test_exercise_5_check_rejects_answers_that_skip_saving_or_reloading(tmp_path
                  "evaluation": torch.randint(0, 128, (2, 64),
                                              generator=torch.Generator().manual_seed(0))}
     _check_passes_then_rejects(5, namespace, *wrong)
+
+
+def _given_cells(number: int) -> list[str]:
+    """The untagged code cells of one exercise: what the notebook hands the student."""
+    cells = _sections(nbformat.read(EXERCISES, as_version=4))[number]
+    return [c.source for c in cells if c.cell_type == "code" and not c.metadata.get("tags")]
+
+
+def _tiny_namespace(layers: int = 6):
+    """A tiny Llama and what the notebook's setup defines from it, for the checks that run
+    the model."""
+    import pandas as pd
+    import torch
+
+    import shortgpt_lite as sgl
+    from tiny import tiny_llama
+
+    torch.manual_seed(0)
+    lm = tiny_llama(layers=layers).eval()
+    g = torch.Generator().manual_seed(0)
+    calibration = torch.randint(0, 128, (2, 32), generator=g)
+    bi = sgl.block_influence(lm, calibration, progress=False)
+    k = 2
+    return {"sgl": sgl, "torch": torch, "pd": pd, "lm": lm, "L": layers, "k": k,
+            "calibration": calibration, "evaluation": torch.randint(0, 128, (3, 32), generator=g),
+            "bi": bi, "plan": sgl.layers_to_remove(bi, k), "items": [], "tokenizer": None,
+            "n_windows": 3, "seq_len": 32, "task": "piqa"}
+
+
+BI_APPEND = "scores.append(1 - cos.mean())"
+BI_COS = "cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)"
+
+
+@pytest.mark.parametrize("wrong", [
+    (BI_APPEND, "scores.append(torch.arccos(cos.clamp(-1, 1)).mean() / torch.pi)"),  # angular distance
+    (BI_COS, "cos = torch.nn.functional.cosine_similarity(x_in.float().flatten(), "
+             "x_out.float().flatten(), dim=0)"),  # one cosine of whole tensors, not per token
+    ("return torch.stack(scores)", "return sgl.block_influence(lm, calibration, progress=False)"),
+], ids=["angular", "not-per-token", "library-call"])
+def test_exercise_1_check_rejects_other_scores_and_the_library_call(wrong):
+    """Exercise 1's check also feeds random states of another shape, so calling the library on
+    the model, which the first case alone would accept, fails."""
+    namespace = _tiny_namespace()
+    exec(_given_cells(1)[0], namespace)  # hidden_states(...) and `states`
+    _check_passes_then_rejects(1, namespace, *wrong)
+
+
+def _similarity_namespace():
+    import torch
+
+    import shortgpt_lite as sgl
+
+    g = torch.Generator().manual_seed(4)
+    states = [torch.randn(64, 16, generator=g)]
+    # L = 10 layers, each turning the stream by its share of the stream's size: the closest
+    # pair of layers (1, 2) is not in the closest run of three (4, 5, 6), and layer 3 turns it
+    # most in the whole stack, layer 7 in the second half
+    for turn in (0.3, 0.05, 0.05, 1.0, 0.12, 0.12, 0.12, 0.9, 0.6, 0.4):
+        states.append(states[-1] + turn * states[-1].std() * torch.randn(64, 16, generator=g))
+    x = torch.nn.functional.normalize(torch.stack(states), dim=-1)
+    S = torch.einsum("itd,jtd->ij", x, x) / x.shape[1]
+    return {"sgl": sgl, "torch": torch, "S": S, "L": 10, "block_size": 3}
+
+
+@pytest.mark.parametrize("wrong", [
+    ("first = int(ends.argmax())", "first = int(ends.argmin())"),
+    ("[S[start, start + n].item()", "[S[start, start + n - 1].item()"),  # a run one layer short
+    ("int(adjacent[L // 2:L - 1].argmin())", "int(adjacent[L // 2:L - 1].argmax())"),
+    ("int(adjacent[L // 2:L - 1].argmin())", "int(adjacent.argmin())"),  # the whole stack
+    ("same_as_lowest_bi = sorted(", "same_as_lowest_bi = not sorted("),
+    ('explanation = """', 'explanation = ""; unused = """'),
+], ids=["least-similar-run", "run-too-short", "flattest-layer", "whole-stack", "bi-flipped",
+        "no-explanation"])
+def test_exercise_4_check_rejects_misread_heatmaps(wrong):
+    namespace = _similarity_namespace()
+    _check_passes_then_rejects(4, namespace, *wrong)
+
+
+SCORES_RETURN = "return (ranks[0] + ranks[1]) / 2"
+
+
+@pytest.mark.parametrize("wrong", [
+    (SCORES_RETURN, "return stats.block_influence"),  # BI itself
+    (SCORES_RETURN, "return 2 * stats.block_influence + 1"),  # BI's order under another scale
+    (SCORES_RETURN, "return torch.zeros(len(ranks[0]))"),  # every layer equal
+    (SCORES_RETURN, "return ranks[1] + sgl.block_influence(model, evaluation, progress=False)"),
+    (SCORES_RETURN, "return ((ranks[0] + ranks[1]) / 2)[:-1]"),  # a score missing
+    (SCORES_RETURN, "return (ranks[0] + ranks[1]) / 2 * float('nan')"),
+], ids=["bi", "bi-rescaled", "constant", "reads-evaluation", "too-few", "nan"])
+def test_exercise_6_check_rejects_scores_that_break_the_rules(wrong):
+    """The open exercise's check cannot grade a design, but it refuses scores that are BI in
+    disguise, say nothing, or look at the held-out windows; the example solution passes."""
+    namespace = _tiny_namespace()
+    _check_passes_then_rejects(6, namespace, *wrong)
+    assert "evaluation" in namespace and "items" in namespace  # put back after the check
+
+
+@pytest.mark.parametrize("wrong", [
+    ("quiet = round(fraction * n)", "quiet = int(fraction * n)"),  # floor: 12 of 37, not 13
+    ("indices[quiet:]", "indices[:n - quiet]"),  # removes the busiest
+    ("linear(down.weight[:, keep], down.bias)", "linear(down.weight[:, keep], None)"),
+    ("return rows(gate), rows(up), linear(down.weight[:, keep], down.bias)",
+     "return gate, up, down"),  # nothing removed
+], ids=["floor", "busiest", "down-bias-dropped", "unchanged"])
+def test_exercise_7_check_rejects_wrong_shrinking(wrong):
+    namespace = _tiny_namespace()
+    exec(_given_cells(7)[0], namespace)  # the middle layer's MLP and its activity
+    _check_passes_then_rejects(7, namespace, *wrong)
+
+
+MEANS = "means = d[np.asarray(draws)].mean(axis=1)"
+
+
+@pytest.mark.parametrize("wrong", [
+    (MEANS, "means = np.asarray(a)[draws].mean(axis=1) - np.asarray(b)[draws[::-1]].mean(axis=1)"),
+    (MEANS, "means = d"),  # percentiles of the windows, not of the mean
+    ("low, high = np.percentile(means, [2.5, 97.5])",
+     "low, high = d.mean() - 1.96 * d.std() / len(d) ** 0.5, d.mean() + 1.96 * d.std() / len(d) ** 0.5"),
+], ids=["unpaired", "no-mean", "normal-approximation"])
+def test_exercise_8_check_rejects_unpaired_and_other_intervals(wrong):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    hard = rng.normal(4, 1, 6)
+    namespace = {"np": np, "n_windows": 6, "draws": rng.integers(0, 6, size=(2000, 6)),
+                 "per_window": {"shortgpt": hard + 0.2 + rng.normal(0, .05, 6),
+                                "width": hard + rng.normal(0, .05, 6)}}
+    _check_passes_then_rejects(8, namespace, *wrong)
+
+
+SCALE = "scale = w.abs().amax(dim=1, keepdim=True) / 127"
+
+
+@pytest.mark.parametrize("wrong", [
+    (SCALE, "scale = w.abs().amax() / 127"),  # one scale for the whole matrix
+    ("(w / scale).round()", "(w / scale).trunc()"),  # truncation, as int() does
+    (SCALE, "scale = w.abs().amax(dim=1, keepdim=True) / 128"),
+    ("    scale = torch.where(scale > 0, scale, torch.ones_like(scale))", "    pass"),  # 0 / 0
+], ids=["per-tensor", "truncation", "scale-128", "zero-row"])
+def test_exercise_9_check_rejects_wrong_int8(wrong):
+    import torch
+
+    import shortgpt_lite as sgl
+
+    weight = torch.randn(8, 24, generator=torch.Generator().manual_seed(0))
+    _check_passes_then_rejects(9, {"torch": torch, "sgl": sgl, "name": "a test layer",
+                                   "weight": weight}, *wrong)
+
+
+KL = "kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)"
+
+
+@pytest.mark.parametrize("wrong", [
+    (KL, "kl = (log_q.exp() * (log_q - log_p)).sum(dim=-1)"),  # KL(student || teacher)
+    (KL, "kl = log_p.exp() * (log_p - log_q)"),  # mean over the vocabulary too
+    ("return kl.mean() * temperature ** 2", "return kl.mean()"),  # no tau^2
+    ("student_logits.float() / temperature", "student_logits.float()"),  # tau on one side only
+], ids=["reversed", "mean-over-vocabulary", "no-tau-squared", "student-not-tempered"])
+def test_exercise_10_check_rejects_wrong_distillation_losses(wrong):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    namespace = {"torch": torch, "student_logits": torch.randn(2, 8, 50, generator=g),
+                 "teacher_logits": torch.randn(2, 8, 50, generator=g)}
+    _check_passes_then_rejects(10, namespace, *wrong)
