@@ -129,8 +129,9 @@ from .plots import (
 # The book: claims of the text checked against outputs
 from .claims import claim
 
-# Teaching: the student version of the exercises
+# Teaching: the student version of the exercises, and grading its submissions
 from .course import student_version
+from .grading import grade
 
 __version__ = "0.1.0"
 
@@ -173,5 +174,6 @@ __all__ = [
     "healing_curves",
     "pareto_plot",
     "removal_curves", "removal_overview", "similarity_heatmap", "speedup_plot", "student_version",
+    "grade",
     "__version__",
 ]

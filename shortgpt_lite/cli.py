@@ -1,5 +1,5 @@
 """The command line: score layers, prune a model and write it out, or write the student
-version of an exercise notebook.
+version of an exercise notebook and grade its submissions.
 
     shortgpt-lite score --model smollm2-135m --corpus wikipedia --tokens 32768 [--metric bi] [--json FILE]
     shortgpt-lite score --model meta-llama/Llama-2-70b-hf --stream [--resume DIR]
@@ -8,6 +8,7 @@ version of an exercise notebook.
     shortgpt-lite check pruned/ [--original smollm2-135m]
     shortgpt-lite heal --model pruned/ --teacher smollm2-135m --method lora --minutes 10 --out healed/
     shortgpt-lite student notebooks/08_assignments.ipynb student/08_assignments.ipynb
+    shortgpt-lite grade notebooks/08_assignments.ipynb submissions/ [-p n_items 0] [--out grades.csv]
     shortgpt-lite experiment removal --model smollm2-135m [--max-remove 10 ...] [--out results]
     shortgpt-lite experiment all --out results
 
@@ -23,7 +24,9 @@ and exits non-zero when one fails. ``heal`` trains a pruned model on calibration
 of the recipes of :mod:`shortgpt_lite.healing`, prints its held-out perplexity before and
 after, and writes the healed model. ``student`` replaces the
 marked solutions of an exercise notebook with stubs and strips its outputs
-(see :mod:`shortgpt_lite.course`). ``experiment`` computes a reference run with its
+(see :mod:`shortgpt_lite.course`). ``grade`` runs the solution cells of every submitted
+notebook in a folder with the instructor's checks and prints a score per exercise
+(:mod:`shortgpt_lite.grading`). ``experiment`` computes a reference run with its
 provenance (:mod:`shortgpt_lite.experiments`); any parameter of the experiment can be set
 as ``--name value`` (lists comma-separated), and ``all`` regenerates every stored run.
 """
@@ -205,6 +208,36 @@ def cmd_student(args) -> None:
         raise SystemExit(str(err)) from None
     stubs = sum(1 for c in nb.cells if SOLUTION_TAG in c.metadata.get("tags", []))
     print(f"wrote {args.destination}: {stubs} solution cells replaced by stubs, outputs stripped")
+
+
+def cmd_grade(args) -> None:
+    from .grading import grade
+
+    if not Path(args.exercises).is_file():
+        raise SystemExit(f"{args.exercises} is not a file; pass the exercise notebook with its "
+                         "solutions and checks, e.g. notebooks/08_assignments.ipynb.")
+    parameters = {}
+    for name, value in args.parameter or []:
+        try:
+            parameters[name] = json.loads(value)
+        except json.JSONDecodeError:
+            parameters[name] = value  # a bare word is a string, as papermill's -p reads it
+    try:
+        rows = grade(args.exercises, args.submissions, parameters=parameters,
+                     timeout=args.timeout, keep=args.keep, progress=not args.no_progress)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    table = rows.pivot(index="submission", columns="exercise", values="score")
+    table = table[list(dict.fromkeys(rows["exercise"]))]
+    table["total"] = table.sum(axis=1)
+    print(table.to_string())
+    for submission, group in rows[rows["score"] == 0].groupby("submission", sort=False):
+        print(f"\n{submission}:")
+        for _, row in group.iterrows():
+            print(f"  exercise {row['exercise']}: {row['feedback']}")
+    if args.out:
+        rows.to_csv(args.out, index=False)
+        print(f"\nwrote {args.out}")
 
 
 def cmd_check(args) -> None:
@@ -389,6 +422,21 @@ def main(argv=None) -> None:
                          help="the student notebook's path in the repository, which its Open "
                          "in Colab links then open (default: drop those links)")
     student.set_defaults(run=cmd_student)
+
+    grading = commands.add_parser(
+        "grade", help="grade a folder of submitted exercise notebooks with the instructor's checks",
+        description="Run each submission's solution cells inside the instructor's notebook, with "
+                    "the instructor's checks, and print one score per exercise.")
+    grading.add_argument("exercises", help="the exercise notebook with solutions and checks")
+    grading.add_argument("submissions", help="the folder of submitted .ipynb files")
+    grading.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                         help="override a parameter of the notebook, as papermill's -p does "
+                         "(repeatable), e.g. -p n_items 0")
+    grading.add_argument("--out", default=None, help="write every score and its feedback to this CSV")
+    grading.add_argument("--keep", default=None, help="write each executed notebook into this folder")
+    grading.add_argument("--timeout", type=int, default=900, help="seconds per cell (default 900)")
+    grading.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    grading.set_defaults(run=cmd_grade)
 
     experiment = commands.add_parser(
         "experiment", help="compute a reference run and store it with its provenance",
