@@ -130,7 +130,7 @@ from .plots import (
 from .claims import claim
 
 # Teaching: the student version of the exercises, and grading its submissions
-from .course import student_version
+from .course import library_calls, student_version
 from .grading import grade
 
 __version__ = "0.1.0"
@@ -174,6 +174,6 @@ __all__ = [
     "healing_curves",
     "pareto_plot",
     "removal_curves", "removal_overview", "similarity_heatmap", "speedup_plot", "student_version",
-    "grade",
+    "grade", "library_calls",
     "__version__",
 ]

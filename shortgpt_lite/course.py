@@ -30,14 +30,16 @@ other Colab links keep only their text.
 
 from __future__ import annotations
 
+import dis
 import re
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import nbformat
 
-__all__ = ["BEGIN", "END", "SOLUTION_TAG", "student_version"]
+__all__ = ["BEGIN", "END", "SOLUTION_TAG", "library_calls", "student_version"]
 
 SOLUTION_TAG = "solution"
 HIDE_TAG = "hide-input"
@@ -159,3 +161,33 @@ def student_version(source, destination, colab_path: str | None = None) -> nbfor
     destination.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, destination)
     return nb
+
+
+def _code_objects(code: types.CodeType):
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_objects(const)
+
+
+def library_calls(function) -> list[str]:
+    """The names through which ``function`` reaches shortgpt-lite: globals it uses that are
+    the package, one of its modules or something defined in it (``sgl``, a
+    ``from shortgpt_lite import ...`` name), and imports of it inside the function,
+    nested functions and lambdas included. Empty for code that uses only torch, NumPy and
+    the like.
+
+    A check cell of an exercise that asks for an implementation refuses a solution that
+    calls the library's own version: ``assert not library_calls(my_function), ...``."""
+    package = __name__.split(".")[0]
+    used = [(i.opname, i.argval) for code in _code_objects(function.__code__)
+            for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME",
+                                                                 "IMPORT_NAME")]
+    found = {name for op, name in used if op == "IMPORT_NAME" and name.split(".")[0] == package}
+    for _, name in used:
+        value = function.__globals__.get(name)
+        module = value.__name__ if isinstance(value, types.ModuleType) else \
+            getattr(value, "__module__", None) or ""
+        if module == package or module.startswith(package + "."):
+            found.add(name)
+    return sorted(found)

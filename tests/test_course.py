@@ -314,20 +314,25 @@ def _check_passes_then_rejects(number, namespace, right, wrong, error=AssertionE
         exec(check, namespace)
 
 
+NM_LOWEST = "[..., :m - n]"
+
+
 @pytest.mark.parametrize("wrong", [
-    "[..., :n]",           # zeroes N of every M, the other reading of N:M
-    "[..., m - n:]",       # zeroes the highest scores
-])
+    (NM_LOWEST, "[..., :n]"),  # zeroes N of every M, the other reading of N:M
+    (NM_LOWEST, "[..., m - n:]"),  # zeroes the highest scores
+    ("return mask.reshape(out_features, in_features)", 'return sgl.sparsity_mask(scores, f"{n}:{m}")'),
+], ids=["n-zeroed", "highest", "library-call"])
 def test_exercise_3_check_rejects_a_wrong_nm_mask_and_passes_the_solution(wrong):
-    """The N:M check runs on synthetic scores and tries 1:4 as well as 2:4 and 4:8, so the
-    convention that zeroes N of every M, which agrees with it on 2:4 and 4:8, is caught."""
+    """The N:M check runs on the layer's scores and on random ones, and tries 1:4 as well as
+    2:4 and 4:8, so the convention that zeroes N of every M, which agrees with it on 2:4 and
+    4:8, is caught."""
     import torch
 
     import shortgpt_lite as sgl
 
     scores = torch.rand(6, 16, generator=torch.Generator().manual_seed(0))
-    _check_passes_then_rejects(3, {"sgl": sgl, "torch": torch, "wanda": scores},
-                               "[..., :m - n]", wrong)
+    _check_passes_then_rejects(3, {"sgl": sgl, "torch": torch, "wanda": scores, "name": "a layer"},
+                               *wrong)
 
 
 def _wanda_namespace():
@@ -348,7 +353,9 @@ K_ROW = "k_row = round(sparsity * weight.shape[1])"
     ("scores = weight.float().abs() * norms[None, :]", "scores = weight.float().abs()"),
     (K_ROW, "k_row = weight.shape[1] // 2"),
     (K_ROW, "k_row = int(sparsity * weight.shape[1])"),
-], ids=["magnitude", "sparsity-ignored", "floor"])
+    ("return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, lowest, True)",
+     "return sgl.sparsity_mask(sgl.wanda_scores(weight, norms), sparsity)"),
+], ids=["magnitude", "sparsity-ignored", "floor", "library-call"])
 def test_exercise_2_check_rejects_wrong_wanda_masks_and_passes_the_solution(wrong):
     """Exercise 2's check tries a second, random layer at another sparsity, so a mask that
     ignores the input norms, the sparsity or the rounding is caught."""
@@ -507,6 +514,7 @@ def test_exercise_8_check_rejects_unpaired_and_other_intervals(wrong):
     rng = np.random.default_rng(0)
     hard = rng.normal(4, 1, 6)
     namespace = {"np": np, "n_windows": 6, "draws": rng.integers(0, 6, size=(2000, 6)),
+                 "sgl": __import__("shortgpt_lite"),
                  "per_window": {"shortgpt": hard + 0.2 + rng.normal(0, .05, 6),
                                 "width": hard + rng.normal(0, .05, 6)}}
     _check_passes_then_rejects(8, namespace, *wrong)
@@ -520,7 +528,8 @@ SCALE = "scale = w.abs().amax(dim=1, keepdim=True) / 127"
     ("(w / scale).round()", "(w / scale).trunc()"),  # truncation, as int() does
     (SCALE, "scale = w.abs().amax(dim=1, keepdim=True) / 128"),
     ("    scale = torch.where(scale > 0, scale, torch.ones_like(scale))", "    pass"),  # 0 / 0
-], ids=["per-tensor", "truncation", "scale-128", "zero-row"])
+    ("return (w / scale).round().clamp(-127, 127) * scale", "return sgl.int8_weights(weight)"),
+], ids=["per-tensor", "truncation", "scale-128", "zero-row", "library-call"])
 def test_exercise_9_check_rejects_wrong_int8(wrong):
     import torch
 
@@ -539,11 +548,40 @@ KL = "kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)"
     (KL, "kl = log_p.exp() * (log_p - log_q)"),  # mean over the vocabulary too
     ("return kl.mean() * temperature ** 2", "return kl.mean()"),  # no tau^2
     ("student_logits.float() / temperature", "student_logits.float()"),  # tau on one side only
-], ids=["reversed", "mean-over-vocabulary", "no-tau-squared", "student-not-tempered"])
+    ("return kl.mean() * temperature ** 2",
+     "return sgl.healing.distillation_loss(student_logits, teacher_logits, temperature)"),
+], ids=["reversed", "mean-over-vocabulary", "no-tau-squared", "student-not-tempered",
+        "library-call"])
 def test_exercise_10_check_rejects_wrong_distillation_losses(wrong):
     import torch
 
+    import shortgpt_lite as sgl
+
     g = torch.Generator().manual_seed(0)
-    namespace = {"torch": torch, "student_logits": torch.randn(2, 8, 50, generator=g),
+    namespace = {"sgl": sgl, "torch": torch, "student_logits": torch.randn(2, 8, 50, generator=g),
                  "teacher_logits": torch.randn(2, 8, 50, generator=g)}
     _check_passes_then_rejects(10, namespace, *wrong)
+
+
+def test_library_calls_finds_every_way_a_function_reaches_the_library():
+    import types
+
+    import torch
+
+    import shortgpt_lite as sgl
+    from shortgpt_lite import library_calls
+
+    namespace = {"torch": torch, "sgl": sgl, "sparsity_mask": sgl.sparsity_mask, "L": 4,
+                 "quantize": sgl.quantize, "lm": torch.nn.Linear(2, 2)}
+    sources = {
+        "def f(x):\n    return torch.ones(L) + lm.weight.sum()": [],
+        "def f(x):\n    return sgl.sparsity_mask(x, 0.5)": ["sgl"],
+        "def f(x):\n    return sparsity_mask(x, 0.5)": ["sparsity_mask"],
+        "def f(x):\n    import shortgpt_lite\n    return (lambda y: shortgpt_lite.wanda_scores(y))(x)":
+            ["shortgpt_lite"],
+        "def f(x):\n    def g(y):\n        return quantize.int8_weights(y)\n    return g(x)": ["quantize"],
+    }
+    for source, expected in sources.items():
+        exec(source, namespace)
+        assert isinstance(namespace["f"], types.FunctionType)
+        assert library_calls(namespace["f"]) == expected, source
