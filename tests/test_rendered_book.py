@@ -168,3 +168,25 @@ def test_formulas_render_without_a_network(pages):
         dom = _chromium("--virtual-time-budget=10000", "--dump-dom", page.as_uri(),
                         user_dir=Path(tmp) / "u").stdout
     assert "mjx-container" in dom, "MathJax did not typeset the formulas"
+
+
+def test_the_exercise_page_shows_no_check_output(pages):
+    """What the check cells print (exercise 4's layers, exercise 8's interval) would give the
+    answers away: the book shows the checks' code, never their output."""
+    import html
+    import json
+
+    nb = json.loads((ROOT / "notebooks" / "08_assignments.ipynb").read_text())
+    page = html.unescape(re.sub(r"<[^>]+>", "", (HTML / "notebooks" / "08_assignments.html")
+                                .read_text(encoding="utf-8")))
+    printed = 0
+    for cell in nb["cells"]:
+        if "check" not in cell.get("metadata", {}).get("tags", []):
+            continue
+        source = "".join(cell["source"])
+        for output in cell.get("outputs", []):
+            for line in "".join(output.get("text", "")).splitlines():
+                if line.strip() and line.strip() not in source:  # not a literal of the code
+                    printed += 1
+                    assert line.strip() not in page, line
+    assert printed >= 10  # the executed checks did print their answers
