@@ -471,8 +471,8 @@ SCORES_RETURN = "return (ranks[0] + ranks[1]) / 2"
 
 
 @pytest.mark.parametrize("wrong", [
-    (SCORES_RETURN, "return stats.block_influence"),  # BI itself
-    (SCORES_RETURN, "return 2 * stats.block_influence + 1"),  # BI's order under another scale
+    (SCORES_RETURN, "return bi_scores"),  # BI itself
+    (SCORES_RETURN, "return 2 * bi_scores + 1"),  # BI's order under another scale
     (SCORES_RETURN, "return torch.zeros(len(ranks[0]))"),  # every layer equal
     (SCORES_RETURN, "return ranks[1] + sgl.block_influence(model, evaluation, progress=False)"),
     (SCORES_RETURN, "return ((ranks[0] + ranks[1]) / 2)[:-1]"),  # a score missing

@@ -137,7 +137,7 @@ WRONG_ANSWERS = {  # one plausible mistake per exercise, as the mutation tests m
     1: ("scores.append(1 - cos.mean())", "scores.append(torch.arccos(cos.clamp(-1, 1)).mean() / torch.pi)"),
     2: ("scores = weight.float().abs() * norms[None, :]", "scores = weight.float().abs()"),
     5: ("    return pruned.eval(), reloaded.to(pruned.device).eval()", "    return pruned, pruned"),
-    6: ("return (ranks[0] + ranks[1]) / 2", "return stats.block_influence"),
+    6: ("return (ranks[0] + ranks[1]) / 2", "return bi_scores"),
     7: ("quiet = round(fraction * n)", "quiet = int(fraction * n)"),
     8: ("means = d[np.asarray(draws)].mean(axis=1)", "means = d"),
     9: ("scale = w.abs().amax(dim=1, keepdim=True) / 127", "scale = w.abs().amax() / 127"),
