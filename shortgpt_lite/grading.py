@@ -141,16 +141,26 @@ def graded_notebook(exercises, submission) -> tuple[nbformat.NotebookNode, dict[
     return nb, flagged
 
 
-def _outcome(label: str, checks: list) -> tuple[int, str]:
-    """(score, feedback) of one exercise from its executed check cells."""
+def _error(cell) -> str | None:
+    """``"Name: first line of the message"`` of the error a cell raised, or None."""
+    for output in cell.outputs:
+        if output.output_type == "error":
+            first = (output.get("evalue") or "").strip().splitlines()
+            return f"{output.get('ename', 'Error')}: {first[0] if first else ''}".rstrip(": ")
+    return None
+
+
+def _outcome(label: str, solutions: list, checks: list) -> tuple[int, str]:
+    """(score, feedback) of one exercise from its executed solution and check cells."""
+    for cell in solutions:
+        if _error(cell):
+            return 0, f"the solution cell raised {_error(cell)}"
     for cell in checks:
-        errors = [o for o in cell.outputs if o.output_type == "error"]
-        if errors:
-            first = (errors[0].get("evalue") or "").strip().splitlines()
-            return 0, f"{errors[0].get('ename', 'Error')}: {first[0] if first else ''}".rstrip(": ")
-        printed = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+        if _error(cell):
+            return 0, _error(cell)
         if cell.execution_count is None:
             return 0, "the check did not run"
+        printed = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
         if f"Exercise {label}: correct" not in printed:
             return 0, "the check ran but did not print its line"
     return 1, "correct"
@@ -164,11 +174,13 @@ def grade(exercises, submissions, *, parameters: dict | None = None, timeout: in
     Each submission runs as :func:`graded_notebook` builds it, from the folder of
     ``exercises`` in a fresh ``python3`` kernel, with papermill's ``parameters`` injected
     after the cell tagged ``parameters`` (for example ``{"n_items": 0}`` to grade faster)
-    and ``timeout`` seconds per cell. ``keep``: a folder to write each executed notebook
+    and ``timeout`` seconds per cell (a cell that runs longer is interrupted and fails).
+    ``keep``: a folder to write each executed notebook
     into, to hand back as feedback.
 
     Returns one row per submission and exercise: ``submission``, ``exercise``, ``score``
-    (1 or 0) and ``feedback`` (``"correct"``, the check's error, or why it did not run).
+    (1 or 0) and ``feedback`` (``"correct"``, the error of the solution cell or of the check,
+    or why it did not run).
     """
     import nbformat
     import pandas as pd
@@ -206,7 +218,10 @@ def grade(exercises, submissions, *, parameters: dict | None = None, timeout: in
                 nbformat.write(nb, Path(tmp) / path.name)
                 nb = parameterize_notebook(load_notebook_node(str(Path(tmp) / path.name)),
                                            dict(parameters))
+        # A cell past `timeout` is interrupted and fails like any error, so an endless loop
+        # costs its exercise only.
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
+                                interrupt_on_timeout=True,
                                 resources={"metadata": {"path": str(exercises.parent)}})
         try:
             client.execute()
@@ -215,6 +230,7 @@ def grade(exercises, submissions, *, parameters: dict | None = None, timeout: in
         if keep is not None:
             Path(keep).mkdir(parents=True, exist_ok=True)
             nbformat.write(nb, Path(keep) / path.name)
-        checks = _exercises(nb, CHECK_TAG)
-        rows += [(path.name, label, *_outcome(label, checks[label])) for label in labels]
+        solutions, checks = _exercises(nb, SOLUTION_TAG), _exercises(nb, CHECK_TAG)
+        rows += [(path.name, label, *_outcome(label, solutions.get(label, []), checks[label]))
+                 for label in labels]
     return pd.DataFrame(rows, columns=["submission", "exercise", "score", "feedback"])

@@ -120,6 +120,22 @@ def test_grade_scores_each_exercise_from_the_instructors_checks(tmp_path):
     assert "read it by hand" in feedback["dave.ipynb", "1"] and "builtins" in feedback["dave.ipynb", "1"]
 
 
+def test_an_endless_or_broken_solution_costs_its_exercise_only(tmp_path):
+    exercises = _two_exercises(tmp_path / "ex.ipynb")
+    student_version(exercises, tmp_path / "student.ipynb")
+    erin = _submission(tmp_path / "student.ipynb", tmp_path / "erin.ipynb",
+                       {1: "def double(x):\n    return 2 * x\nwhile True:\n    pass",
+                        2: "def square(x):\n    return x * x"})
+    frank = _submission(tmp_path / "student.ipynb", tmp_path / "frank.ipynb",
+                        {1: "def double(x)\n    return 2 * x", 2: "def square(x):\n    return x * x"})
+    rows = grade(exercises, [erin, frank], timeout=10, progress=False)
+    outcome = rows.set_index(["submission", "exercise"])
+    assert outcome["score"].to_dict() == {("erin.ipynb", "1"): 0, ("erin.ipynb", "2"): 1,
+                                          ("frank.ipynb", "1"): 0, ("frank.ipynb", "2"): 1}
+    assert outcome.loc[("erin.ipynb", "1"), "feedback"].startswith("the solution cell raised")
+    assert "SyntaxError" in outcome.loc[("frank.ipynb", "1"), "feedback"]
+
+
 def test_grade_refuses_what_it_cannot_grade(tmp_path):
     exercises = _two_exercises(tmp_path / "ex.ipynb")
     with pytest.raises(ValueError, match="is not a folder"):
