@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import nbformat
 
-__all__ = ["BEGIN", "END", "SOLUTION_TAG", "library_calls", "student_version"]
+__all__ = ["BEGIN", "END", "EXERCISE_HEADING", "SOLUTION_TAG", "library_calls", "student_version"]
 
 SOLUTION_TAG = "solution"
 HIDE_TAG = "hide-input"
@@ -47,7 +47,7 @@ BEGIN = "# BEGIN SOLUTION"
 END = "# END SOLUTION"
 
 _MARKER = re.compile(r"^(?P<indent>[ \t]*)#+[ \t]*(?P<kind>BEGIN|END)[ \t]+SOLUTION[ \t]*$")
-_EXERCISE = re.compile(r"^#{1,6}[ \t]+Exercise[ \t]+(?P<label>[0-9A-Za-z.]+)", re.MULTILINE)
+EXERCISE_HEADING = re.compile(r"^#{1,6}[ \t]+Exercise[ \t]+(?P<label>[0-9A-Za-z.]+)", re.MULTILINE)
 _COLAB = re.compile(r"https://colab\.research\.google\.com/github/[^/\s)]+/[^/\s)]+/blob/"
                     r"[^/\s)]+/(?P<path>[^\s)]+?\.ipynb)")
 _BADGE = re.compile(r"\[!\[[^\]]*\]\([^)]*\)\]\((?P<url>[^)\s]+)\)\n?")
@@ -142,7 +142,7 @@ def student_version(source, destination, colab_path: str | None = None) -> nbfor
                              "answer into a code cell, or drop the tag.")
         if cell.cell_type == "markdown":
             cell.source = _retarget_colab(cell.source, colab_path)
-            found = _EXERCISE.findall(cell.source)
+            found = EXERCISE_HEADING.findall(cell.source)
             if found:
                 label = f"Exercise {found[-1]}"
             continue

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .course import _EXERCISE, SOLUTION_TAG
+from .course import EXERCISE_HEADING, SOLUTION_TAG
 
 if TYPE_CHECKING:
     import nbformat
@@ -45,7 +45,7 @@ def _exercises(nb, tag: str) -> dict[str, list]:
     found, label = {}, None
     for cell in nb.cells:
         if cell.cell_type == "markdown":
-            labels = _EXERCISE.findall(cell.source)
+            labels = EXERCISE_HEADING.findall(cell.source)
             label = labels[-1] if labels else label
         elif tag in cell.metadata.get("tags", []):
             if label is None:
