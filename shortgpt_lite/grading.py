@@ -23,7 +23,6 @@ feedback that asks for a person to read it.
 from __future__ import annotations
 
 import ast
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,14 +32,14 @@ if TYPE_CHECKING:
     import nbformat
     import pandas as pd
 
-__all__ = ["CHECK_TAG", "grade", "graded_notebook", "tampering"]
+__all__ = ["CHECK_TAG", "exercise_cells", "grade", "graded_notebook", "tampering"]
 
 CHECK_TAG = "check"
 _SUSPECT_CALLS = {"setattr", "delattr", "globals", "vars", "exec", "eval", "__import__"}
 _SUSPECT_NAMES = {"builtins", "__builtins__", "sys", "gc"}
 
 
-def _exercises(nb, tag: str) -> dict[str, list]:
+def exercise_cells(nb, tag: str) -> dict[str, list]:
     """{exercise label: the cells tagged ``tag`` under its ``Exercise N`` heading}."""
     found, label = {}, None
     for cell in nb.cells:
@@ -65,14 +64,11 @@ def _parse(source: str):
         return None
 
 
-def _imported(sources) -> set[str]:
-    """The names that import statements bind in ``sources``."""
-    names = set()
-    for tree in filter(None, map(_parse, sources)):
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names |= {(a.asname or a.name).split(".")[0] for a in node.names}
-    return names
+def _imported(trees) -> set[str]:
+    """The names that import statements bind in the syntax ``trees`` (None ones skipped)."""
+    return {(a.asname or a.name).split(".")[0] for tree in filter(None, trees)
+            for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+            for a in node.names}
 
 
 def tampering(source: str, modules=()) -> list[str]:
@@ -83,7 +79,7 @@ def tampering(source: str, modules=()) -> list[str]:
     tree = _parse(source)
     if tree is None:
         return []  # a typo: the check reports what does not run
-    modules = set(modules) | _imported([source])
+    modules = set(modules) | _imported([tree])
     found = []
     for node in ast.walk(tree):
         targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else \
@@ -115,16 +111,17 @@ def graded_notebook(exercises, submission) -> tuple[nbformat.NotebookNode, dict[
     so its answers cannot be found), or more solution cells for an exercise than the
     instructor's notebook has."""
     import nbformat
+    from papermill.iorw import load_notebook_node
 
     exercises, submission = Path(exercises), Path(submission)
-    nb = nbformat.read(exercises, as_version=4)
-    theirs = _exercises(nbformat.read(submission, as_version=4), SOLUTION_TAG)
+    nb = load_notebook_node(str(exercises))  # with the metadata papermill's parameters need
+    theirs = exercise_cells(nbformat.read(submission, as_version=4), SOLUTION_TAG)
     if not theirs:
         raise ValueError(f"{submission.name} has no cell tagged {SOLUTION_TAG!r}: its cells lost "
                          "their tags, so its answers cannot be found. Ask for the notebook as "
                          "downloaded from Jupyter or Colab, with its metadata.")
-    ours = _exercises(nb, SOLUTION_TAG)
-    modules = _imported(c.source for c in nb.cells if c.cell_type == "code")
+    ours = exercise_cells(nb, SOLUTION_TAG)
+    modules = _imported(_parse(c.source) for c in nb.cells if c.cell_type == "code")
     flagged = {}
     for label, cells in theirs.items():
         if len(cells) > len(ours.get(label, [])):
@@ -153,11 +150,11 @@ def _error(cell) -> str | None:
 def _outcome(label: str, solutions: list, checks: list) -> tuple[int, str]:
     """(score, feedback) of one exercise from its executed solution and check cells."""
     for cell in solutions:
-        if _error(cell):
-            return 0, f"the solution cell raised {_error(cell)}"
+        if error := _error(cell):
+            return 0, f"the solution cell raised {error}"
     for cell in checks:
-        if _error(cell):
-            return 0, _error(cell)
+        if error := _error(cell):
+            return 0, error
         if cell.execution_count is None:
             return 0, "the check did not run"
         printed = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
@@ -175,8 +172,7 @@ def grade(exercises, submissions, *, parameters: dict | None = None, timeout: in
     ``exercises`` in a fresh ``python3`` kernel, with papermill's ``parameters`` injected
     after the cell tagged ``parameters`` (for example ``{"n_items": 0}`` to grade faster)
     and ``timeout`` seconds per cell (a cell that runs longer is interrupted and fails).
-    ``keep``: a folder to write each executed notebook
-    into, to hand back as feedback.
+    ``keep``: a folder to write each executed notebook into, to hand back as feedback.
 
     Returns one row per submission and exercise: ``submission``, ``exercise``, ``score``
     (1 or 0) and ``feedback`` (``"correct"``, the error of the solution cell or of the check,
@@ -186,7 +182,6 @@ def grade(exercises, submissions, *, parameters: dict | None = None, timeout: in
     import pandas as pd
     from nbclient import NotebookClient
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
-    from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
     from tqdm.auto import tqdm
 
@@ -200,7 +195,7 @@ def grade(exercises, submissions, *, parameters: dict | None = None, timeout: in
     submissions = [Path(p) for p in submissions]
     if not submissions:
         raise ValueError("No submissions to grade: the folder holds no .ipynb file.")
-    labels = list(_exercises(nbformat.read(exercises, as_version=4), CHECK_TAG))
+    labels = list(exercise_cells(nbformat.read(exercises, as_version=4), CHECK_TAG))
     rows = []
     for path in tqdm(submissions, desc="grading", unit="submission", disable=not progress):
         try:
@@ -214,10 +209,7 @@ def grade(exercises, submissions, *, parameters: dict | None = None, timeout: in
                      for label in labels]
             continue
         if parameters:
-            with tempfile.TemporaryDirectory() as tmp:  # papermill's loader adds its metadata
-                nbformat.write(nb, Path(tmp) / path.name)
-                nb = parameterize_notebook(load_notebook_node(str(Path(tmp) / path.name)),
-                                           dict(parameters))
+            nb = parameterize_notebook(nb, dict(parameters))
         # A cell past `timeout` is interrupted and fails like any error, so an endless loop
         # costs its exercise only.
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
@@ -230,7 +222,7 @@ def grade(exercises, submissions, *, parameters: dict | None = None, timeout: in
         if keep is not None:
             Path(keep).mkdir(parents=True, exist_ok=True)
             nbformat.write(nb, Path(keep) / path.name)
-        solutions, checks = _exercises(nb, SOLUTION_TAG), _exercises(nb, CHECK_TAG)
+        solutions, checks = exercise_cells(nb, SOLUTION_TAG), exercise_cells(nb, CHECK_TAG)
         rows += [(path.name, label, *_outcome(label, solutions.get(label, []), checks[label]))
                  for label in labels]
     return pd.DataFrame(rows, columns=["submission", "exercise", "score", "feedback"])

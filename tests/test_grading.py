@@ -1,6 +1,5 @@
 """Grading submissions with the instructor's checks (shortgpt_lite.grading) and its command."""
 
-import re
 from pathlib import Path
 
 import nbformat
@@ -10,7 +9,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from shortgpt_lite import student_version
 from shortgpt_lite.cli import main
-from shortgpt_lite.grading import grade, graded_notebook, tampering
+from shortgpt_lite.grading import exercise_cells, grade, graded_notebook, tampering
 
 ROOT = Path(__file__).resolve().parents[1]
 EXERCISES = ROOT / "notebooks" / "08_assignments.ipynb"
@@ -50,16 +49,10 @@ def _submission(student, path, answers: dict, check_edits: dict | None = None):
     """``student`` with the stub of exercise N replaced by ``answers[N]``, and the check of
     exercise N replaced by ``check_edits[N]``, written to ``path``."""
     nb = nbformat.read(student, as_version=4)
-    number = None
-    for cell in nb.cells:
-        heading = re.match(r"#+\s+Exercise\s+(\d+)", cell.source)
-        if cell.cell_type == "markdown" and heading:
-            number = int(heading[1])
-        tags = cell.metadata.get("tags", [])
-        if "solution" in tags and number in answers:
-            cell.source = answers[number]
-        if "check" in tags and number in (check_edits or {}):
-            cell.source = check_edits[number]
+    for tag, sources in [("solution", answers), ("check", check_edits or {})]:
+        for label, cells in exercise_cells(nb, tag).items():
+            if int(label) in sources:
+                cells[0].source = sources[int(label)]
     nbformat.write(nb, path)
     return path
 
@@ -168,14 +161,8 @@ def test_the_grader_on_two_real_submissions_of_the_book_exercises(tmp_path):
     exercise 3 and its check edited to print the line. Only exercise 4 of the second is right."""
     student = tmp_path / "student.ipynb"
     student_version(EXERCISES, student)
-    solved = nbformat.read(EXERCISES, as_version=4)
-    solutions, number = {}, None
-    for cell in solved.cells:
-        heading = re.match(r"#+\s+Exercise\s+(\d+)", cell.source)
-        if cell.cell_type == "markdown" and heading:
-            number = int(heading[1])
-        if "solution" in cell.metadata.get("tags", []):
-            solutions[number] = cell.source
+    solutions = {int(label): cells[0].source for label, cells in
+                 exercise_cells(nbformat.read(EXERCISES, as_version=4), "solution").items()}
     assert len(solutions) >= 10
     wrong = {n: source.replace(*WRONG_ANSWERS[n]) for n, source in solutions.items()
              if n in WRONG_ANSWERS}
