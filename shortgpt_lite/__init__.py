@@ -87,6 +87,7 @@ from .evaluate import (
 
 # Baselines: Wanda, magnitude, context pruning, comparison
 from .comparison import DEFAULT_CORPORA, METHODS, compare, prune_to_budget
+from .heads import head_importance, remove_heads
 from .context import (
     DOMAINS,
     ContextPlan,
@@ -165,9 +166,9 @@ __all__ = [
     # baselines and the comparison
     "DEFAULT_CORPORA", "DOMAINS", "METHODS", "ContextPlan", "ContextStatistics",
     "VocabularyMap", "compare", "context_plan", "context_prune", "context_statistics",
-    "domain_windows", "int8_weights", "magnitude_prune", "neuron_mask", "normalised_l1",
+    "domain_windows", "head_importance", "int8_weights", "magnitude_prune", "neuron_mask", "normalised_l1",
     "prunable_parameters", "prune_to_budget", "quantize_int8", "quantize_weights_int8",
-    "random_plan", "shrink_vocabulary", "sparsity_mask", "sparsity_report", "wanda_prune",
+    "random_plan", "remove_heads", "shrink_vocabulary", "sparsity_mask", "sparsity_report", "wanda_prune",
     "wanda_scores",
     # figures, the book's claims, teaching
     "accuracy_dots", "adjacent_similarity", "angular_distance_heatmap", "bi_profile", "book_style", "claim",
