@@ -142,11 +142,12 @@ def test_setup_cells_install_what_the_chapter_uses_and_fold_away(name):
         assert needed in source, (name, needed)
 
 
-@pytest.mark.parametrize("name", PART_ONE[:3])
-def test_the_second_model_defaults_to_the_other_bundled_one(name):
+@pytest.mark.parametrize("name,line", [(n, 'compare_with = "other"') for n in PART_ONE[:3]]
+                         + [("06_comparison", 'second_model = "other"')])
+def test_the_second_model_defaults_to_the_other_bundled_one(name, line):
     nb = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
     cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
-    assert 'compare_with = "other"' in "".join(cell["source"])
+    assert line in "".join(cell["source"])
 
 
 @pytest.mark.slow
