@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from .data import check_windows, load_text, token_windows
 from .inputs import check_token_ids, input_device, vocab_rows
-from .layers import decoder_layers, stop_after, unwrap_model
+from .layers import decoder_layers, sliced_linear, stop_after, unwrap_model
 from .records import CONTEXT_RECORD
 
 __all__ = [
@@ -293,27 +293,9 @@ def _shrink_mlp(mlp: nn.Module, keep: torch.Tensor, width: int) -> None:
     """Keep the MLP neurons listed in ``keep`` (in order), padded with zeroed neurons up
     to ``width``, by slicing ``gate``/``up`` rows and ``down`` columns."""
     pad = width - keep.numel()
-
-    def rows(linear: nn.Linear, dim: int) -> nn.Linear:
-        w = linear.weight.detach().index_select(dim, keep.to(linear.weight.device))
-        if pad:
-            shape = list(w.shape)
-            shape[dim] = pad
-            w = torch.cat([w, w.new_zeros(shape)], dim=dim)
-        new = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None,
-                        device=w.device, dtype=w.dtype)
-        new.weight.data.copy_(w)
-        if linear.bias is not None:
-            if dim == 0:
-                b = linear.bias.detach()[keep.to(w.device)]
-                new.bias.data.copy_(torch.cat([b, b.new_zeros(pad)]) if pad else b)
-            else:
-                new.bias.data.copy_(linear.bias.detach())
-        return new
-
-    mlp.gate_proj = rows(mlp.gate_proj, 0)
-    mlp.up_proj = rows(mlp.up_proj, 0)
-    mlp.down_proj = rows(mlp.down_proj, 1)
+    mlp.gate_proj = sliced_linear(mlp.gate_proj, keep, 0, pad)
+    mlp.up_proj = sliced_linear(mlp.up_proj, keep, 0, pad)
+    mlp.down_proj = sliced_linear(mlp.down_proj, keep, 1, pad)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = width
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layers import decoder_layers, text_config, unwrap_model
+from .layers import decoder_layers, sliced_linear, text_config, unwrap_model
 from .records import HEADS_RECORD
 
 __all__ = ["head_importance", "head_params", "heads_for_share", "remove_heads"]
@@ -64,8 +64,9 @@ def head_importance(model: nn.Module, windows: torch.Tensor, *, batch_size: int 
         def hook(module, args):
             z = args[0].float().reshape(-1, heads, d)              # [tokens, heads, d]
             w = module.weight.float().reshape(-1, heads, d)        # [hidden, heads, d]
-            for h in range(heads):                                 # one [tokens, hidden] at a time
-                sums[b, h] += (z[:, h] @ w[:, h].T).norm(dim=-1).sum().item()  # ||W_O^(h) z_h||
+            # ||W_O^(h) z_h|| summed over tokens, one [tokens, hidden] product at a time
+            sums[b] += torch.stack([(z[:, h] @ w[:, h].T).norm(dim=-1).sum()
+                                    for h in range(heads)]).double().cpu()
         return hook
 
     for b, block in enumerate(blocks):
@@ -104,16 +105,6 @@ def heads_for_share(model: nn.Module, share: float) -> int:
     return kv * min(group - 1, max(0, round(share * group)))
 
 
-def _keep_rows(linear: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
-    w = linear.weight.detach().index_select(dim, keep.to(linear.weight.device))
-    new = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None, device=w.device,
-                    dtype=w.dtype)
-    new.weight.data.copy_(w)
-    if linear.bias is not None:
-        new.bias.data.copy_(linear.bias.detach()[keep] if dim == 0 else linear.bias.detach())
-    return new
-
-
 @torch.no_grad()
 def remove_heads(model: nn.Module, n_heads: int, importance: torch.Tensor, *,
                  inplace: bool = False) -> nn.Module:
@@ -139,17 +130,17 @@ def remove_heads(model: nn.Module, n_heads: int, importance: torch.Tensor, *,
     for b, block in enumerate(decoder_layers(model)):
         attn = _attention(block)
         scores = importance[b].reshape(kv, group) if grouped else importance[b].reshape(1, heads)
-        drop = torch.sort(torch.argsort(scores, dim=1, stable=True)[:, :per_group], dim=1).values
-        drop = drop + torch.arange(scores.shape[0]).unsqueeze(1) * scores.shape[1]
-        keep_heads = torch.tensor([h for h in range(heads) if h not in set(drop.flatten().tolist())])
+        first = torch.arange(scores.shape[0]).unsqueeze(1) * scores.shape[1]  # each group's first head
+        dropped = sorted((torch.argsort(scores, dim=1, stable=True)[:, :per_group] + first).flatten().tolist())
+        keep_heads = torch.tensor([h for h in range(heads) if h not in dropped])
         keep = (keep_heads.unsqueeze(1) * d + torch.arange(d)).flatten()
-        attn.q_proj = _keep_rows(attn.q_proj, keep, 0)
-        attn.o_proj = _keep_rows(attn.o_proj, keep, 1)
+        attn.q_proj = sliced_linear(attn.q_proj, keep, 0)
+        attn.o_proj = sliced_linear(attn.o_proj, keep, 1)
         if not grouped:
-            attn.k_proj = _keep_rows(attn.k_proj, keep, 0)
-            attn.v_proj = _keep_rows(attn.v_proj, keep, 0)
+            attn.k_proj = sliced_linear(attn.k_proj, keep, 0)
+            attn.v_proj = sliced_linear(attn.v_proj, keep, 0)
         attn.num_key_value_groups = group - per_group if grouped else 1
-        removed.append(sorted(drop.flatten().tolist()))
+        removed.append(dropped)
     config = text_config(model)
     config.head_dim = d
     config.num_attention_heads = heads - n_heads

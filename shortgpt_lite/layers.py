@@ -19,10 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 __all__ = ["decoder_layers", "decoder_layers_path", "num_layers", "replaced_forward",
-           "stop_after", "text_config", "unwrap_model"]
+           "sliced_linear", "stop_after", "text_config", "unwrap_model"]
 
 # Where known architectures keep their blocks, most common first.
 _KNOWN_PATHS = (
@@ -159,3 +160,25 @@ def replaced_forward(block: nn.Module, forward: Callable):
             block.forward = own
         else:
             del block.forward
+
+
+def sliced_linear(linear: nn.Linear, keep: torch.Tensor, dim: int, pad: int = 0) -> nn.Linear:
+    """A new ``nn.Linear`` holding the output features (``dim=0``: weight rows and their
+    biases) or input features (``dim=1``: weight columns) of ``linear`` listed in ``keep``,
+    in order, followed by ``pad`` zero features: how physical pruning deletes MLP neurons
+    and attention heads."""
+    keep = keep.to(linear.weight.device)
+    w = linear.weight.detach().index_select(dim, keep)
+    if pad:
+        shape = list(w.shape)
+        shape[dim] = pad
+        w = torch.cat([w, w.new_zeros(shape)], dim=dim)
+    new = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None, device=w.device,
+                    dtype=w.dtype)
+    new.weight.data.copy_(w)
+    if linear.bias is not None:
+        b = linear.bias.detach()
+        if dim == 0:
+            b = torch.cat([b[keep], b.new_zeros(pad)])
+        new.bias.data.copy_(b)
+    return new

@@ -1,6 +1,8 @@
 """Attention-head removal: the importance statistic, and a pruned model that computes what
 the unpruned one computes with those heads silenced, saves, and reloads."""
 
+import copy
+
 import pytest
 import torch
 import transformers as T
@@ -18,8 +20,6 @@ WINDOWS = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed
 def _silenced(model, removed):
     """A copy of ``model`` whose removed query heads write nothing: their ``o_proj``
     columns zeroed (and, without grouping, nothing else is needed)."""
-    import copy
-
     silent = copy.deepcopy(model)
     for block, heads in zip(decoder_layers(silent), removed):
         o = block.self_attn.o_proj
