@@ -59,6 +59,7 @@ from .models import cache_dir, load_model, pick_device
 from .prefix import SharedPrefix, sweep_order
 from .provenance import environment
 from .removal import remove_layers
+from .wanda import magnitude_prune, prunable_parameters, sparsity_report, wanda_prune
 
 __all__ = ["EXPERIMENTS", "STANDARD", "Result", "check", "load_result", "paired_difference",
            "perplexity_ratio", "reference", "removal_curve", "removal_plan", "results_dirs", "run",
@@ -709,6 +710,116 @@ EXPERIMENTS["comparison"] = Experiment(
               "item_seed": 0, "batch_size": 16},
     tables=("variants", "ppl", "items"))
 
+# --------------------------------------------------------- the weight-pruning experiment
+#
+# Chapter 04's questions on the evidence standard's units: the score, |W| or |W|·‖X‖
+# (Sun et al. 2023), crossed with the group it is compared within, the whole layer or each
+# output row, at one sparsity; both rules at N:M patterns; each rule's unstructured curve
+# as the Wanda paper runs it; and Wanda calibrated on fewer windows. Every pruned copy is
+# measured on the same evaluation windows, the 2x2 and the N:M copies on the same items.
+
+PAPER_GROUP = {"magnitude": "layer", "wanda": "row"}  # each rule as Wanda's tables run it
+
+
+def _weight_variant(score: str, group: str, sparsity, calibration: int | None = None) -> dict:
+    name = f"{score}/{group}@{sparsity}" + (f"+cal{calibration}" if calibration else "")
+    return {"variant": name, "score": score, "group": group, "pattern": str(sparsity),
+            "calibration_windows": calibration}
+
+
+def _weight_variants(p) -> list[dict]:
+    """Every pruned copy of the experiment, each with whether its items are scored."""
+    full = p["calibration_windows"]
+    grid = [_weight_variant(s, g, p["sparsity"]) for s in PAPER_GROUP for g in ("layer", "row")]
+    nm = [_weight_variant(s, "row", pattern) for pattern in p["nm"] for s in PAPER_GROUP]
+    curve = [_weight_variant(s, g, x) for x in p["sweep"] for s, g in PAPER_GROUP.items()]
+    sizes = [_weight_variant("wanda", "row", p["sparsity"], n)
+             for n in p["calibration_sizes"] if n < full]
+    dense = {"variant": "dense", "score": "dense", "group": "", "pattern": "",
+             "calibration_windows": None}
+    out = [v | {"items": True} for v in [dense, *grid, *nm]]
+    out += [v | {"items": False} for v in curve + sizes]
+    for v in out:
+        if v["score"] == "wanda" and v["calibration_windows"] is None:
+            v["calibration_windows"] = full
+    return list({v["variant"]: v for v in out}.values())
+
+
+def _weight_prune(model, v: dict, calibration):
+    """The pruned copy of variant ``v`` (the model itself for dense)."""
+    if v["score"] == "dense":
+        return model
+    pattern = v["pattern"] if ":" in v["pattern"] else float(v["pattern"])
+    if v["score"] == "wanda":
+        return wanda_prune(model, calibration[:v["calibration_windows"]], pattern,
+                           per=v["group"], progress=False)
+    return magnitude_prune(model, pattern, per=v["group"], progress=False)
+
+
+def _compute_wanda(model, tokenizer, store, progress, **p) -> None:
+    calibration, ev, items, tasks = _removal_data(tokenizer, p)
+    done = store.done("variants", "variant")
+    bs = p["batch_size"]
+    for v in tqdm(_weight_variants(p), desc="pruned models measured", unit="model",
+                  disable=not progress):
+        if v["variant"] in done:
+            continue
+        pruned = _weight_prune(model, v, calibration)
+        if v["variant"] not in store.done("ppl", "variant"):
+            store.append("ppl", _ppl_rows(pruned, ev, v["variant"], bs)
+                         .rename(columns={"removed": "variant"}))
+        if v["items"] and v["variant"] not in store.done("items", "variant"):
+            store.append("items", _item_rows(pruned, tokenizer, items, tasks, v["variant"], bs)
+                         .rename(columns={"removed": "variant"}))
+        report = sparsity_report(pruned)
+        store.append("variants", pd.DataFrame([v | {
+            "sparsity": float(report["zeros"].sum() / prunable_parameters(pruned))}]))
+        del pruned
+
+
+def _check_wanda(model, tokenizer, result: Result, windows: int = 2,
+                          n_items: int = 20) -> list[str]:
+    """Recompute a slice: each rule as the paper runs it at the 2x2's sparsity, its
+    achieved sparsity, the first ``windows`` windows and ``n_items`` items."""
+    p, problems = result.params, []
+    calibration, ev, items, tasks = _removal_data(tokenizer, p)
+    stored = result["variants"].set_index("variant")
+    picked = list(range(min(n_items, len(items))))
+    for v in _weight_variants(p):
+        if v["group"] != PAPER_GROUP.get(v["score"]) or v["pattern"] != str(p["sparsity"]) \
+                or (v["score"] == "wanda" and v["calibration_windows"] != p["calibration_windows"]):
+            continue
+        name, pruned = v["variant"], _weight_prune(model, v, calibration)
+        got = float(sparsity_report(pruned)["zeros"].sum() / prunable_parameters(pruned))
+        if abs(got - stored.loc[name, "sparsity"]) > 1e-6:
+            problems.append(f"{name}: sparsity {got:.6f} against stored "
+                            f"{stored.loc[name, 'sparsity']:.6f}")
+        nll = _ppl_rows(pruned, ev[:windows], name, p["batch_size"])["nll"]
+        want = result["ppl"][result["ppl"]["variant"] == name].set_index("window")["nll"]
+        diff = np.abs(nll.to_numpy() - want.loc[range(len(nll))].to_numpy())
+        if not (diff < 5e-3).all():
+            problems.append(f"{name}: window NLL moved by up to {diff.max():.3g} nats")
+        rows = _item_rows(pruned, tokenizer, [items[i] for i in picked],
+                          [tasks[i] for i in picked], name, p["batch_size"])
+        stored_items = result["items"][result["items"]["variant"] == name].set_index("item")
+        problems += _compare_items(name, rows.assign(item=picked), stored_items)
+    return problems
+
+
+EXPERIMENTS["wanda"] = Experiment(
+    "wanda",
+    "Weight pruning as Wanda studies it: the score |W| or |W|*||X|| crossed with the group it "
+    "is compared within (layer or row) at one sparsity, both rules at N:M patterns, each "
+    "rule's unstructured curve as the paper runs it, and Wanda on fewer calibration windows; "
+    "perplexity per evaluation window of every copy, per-item accuracy of the 2x2 and N:M",
+    _compute_wanda, _check_wanda,
+    defaults={"corpus": "wikipedia", "seq_len": 256, "calibration_windows": 32,
+              "eval_windows": 64, "sparsity": 0.5, "nm": ["4:8", "2:4"], "sweep": [0.3, 0.7],
+              "calibration_sizes": [1, 4, 16],
+              "tasks": ["piqa", "hellaswag", "winogrande", "arc_easy"], "n_items": 200,
+              "item_seed": 0, "batch_size": 16},
+    tables=("variants", "ppl", "items"))
+
 # ------------------------------------------------------------------- the cost experiment
 #
 # What each pruned copy of the comparison costs to store and to run: the same methods,
@@ -1056,7 +1167,8 @@ STANDARD: dict[str, dict[str, dict]] = {
     "smollm2-135m": {"block_influence": {},
                      "removal": {"max_remove": 8, "accuracy_seeds": 3,
                                  "metrics": [m for m in REMOVAL_METRICS if m != "sequential"]},
-                     "comparison": {}, "costs": {}, "healing": {}, "generation": {}},
+                     "wanda": {}, "comparison": {}, "costs": {}, "healing": {},
+                     "generation": {}},
     "gemma3-270m": {"block_influence": {},
                     "removal": {"max_remove": 5, "metrics": ["bi", "angular", "gromov",
                                                              "relative_magnitude"]}},

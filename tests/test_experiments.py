@@ -287,6 +287,44 @@ def test_comparison_measures_every_method_at_every_budget_on_the_same_units(tiny
     assert any("window NLL moved" in p for p in ex.check(stale, loaded=tiny))
 
 
+WANDA = {"seq_len": 32, "calibration_windows": 4, "eval_windows": 3, "sweep": [0.3],
+         "calibration_sizes": [1, 4, 8], "tasks": ["piqa", "winogrande"], "n_items": 3,
+         "batch_size": 4}
+
+
+def test_wanda_crosses_score_and_group_and_measures_every_copy_on_the_same_units(tiny, isolated):
+    r = ex.run("wanda", "tiny", out=isolated / "stored", loaded=tiny, progress=False, **WANDA)
+    v = r["variants"].set_index("variant")
+    grid = ["magnitude/layer@0.5", "magnitude/row@0.5", "wanda/layer@0.5", "wanda/row@0.5"]
+    nm = ["magnitude/row@4:8", "wanda/row@4:8", "magnitude/row@2:4", "wanda/row@2:4"]
+    # the curve runs each rule as the paper does; sizes at or above the full set are skipped
+    rest = ["magnitude/layer@0.3", "wanda/row@0.3", "wanda/row@0.5+cal1"]
+    assert list(v.index) == ["dense", *grid, *nm, *rest]
+    assert v.loc["dense", "sparsity"] == pytest.approx(0, abs=1e-3)
+    assert (v.loc[grid + nm, "sparsity"] - 0.5).abs().max() < 1e-3
+    assert v.loc["wanda/row@0.3", "sparsity"] == pytest.approx(0.3, abs=1e-2)
+    assert v.loc["wanda/row@0.5+cal1", "calibration_windows"] == 1
+    assert v.loc["wanda/row@0.5", "calibration_windows"] == 4
+    # every copy on the same windows; the 2x2 and N:M on the same items, the others on none
+    assert r["ppl"].groupby("variant").size().eq(3).all() and len(r["ppl"]) == 3 * len(v)
+    assert set(r["items"]["variant"]) == {"dense", *grid, *nm}
+    assert r["items"].groupby("variant")["item"].apply(list).map(tuple).nunique() == 1
+    # the stored copies are the library's: the row mask of |W| on one layer, recomputed
+    model, _ = tiny
+    pruned = sgl.magnitude_prune(model, 0.5, per="row", progress=False)
+    nll = sgl.perplexity(pruned, sgl.token_windows(tiny[1], sgl.load_text("wikipedia", "evaluation"),
+                                                   32, 3), progress=False, per_window=True)
+    stored = r["ppl"][r["ppl"]["variant"] == "magnitude/row@0.5"]["nll"].to_numpy()
+    assert stored == pytest.approx(nll["nll_per_window"], abs=1e-5)
+    assert ex.check(r, loaded=tiny) == []
+    stale = ex.load_result(r.path)
+    stale["ppl"].loc[stale["ppl"]["variant"] == "wanda/row@0.5", "nll"] += 0.01
+    assert any("wanda/row@0.5: window NLL moved" in p for p in ex.check(stale, loaded=tiny))
+    stale = ex.load_result(r.path)
+    stale["variants"].loc[stale["variants"]["variant"] == "magnitude/layer@0.5", "sparsity"] -= 0.1
+    assert any("magnitude/layer@0.5: sparsity" in p for p in ex.check(stale, loaded=tiny))
+
+
 def test_costs_time_every_copy_together_and_flag_a_busy_machine(tiny, isolated):
     params = {"methods": ["dense", "shortgpt", "wanda", "context"], "budgets": [0.2],
               "seq_len": 32, "calibration_windows": 2, "prompt_tokens": 8, "decode_tokens": 2,
