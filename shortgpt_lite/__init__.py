@@ -42,7 +42,14 @@ from .conformance import check_model
 from .stream import streamed_layer_statistics, streamed_wanda
 
 # Reference runs: stored experiments and paired comparisons
-from .experiments import EXPERIMENTS, paired_difference, perplexity_ratio, reference, removal_curve
+from .experiments import (
+    EXPERIMENTS,
+    paired_difference,
+    perplexity_ratio,
+    reference,
+    removal_curve,
+    wanda_variant,
+)
 from .curves import (
     accuracy_drop,
     accuracy_table,
@@ -156,7 +163,7 @@ __all__ = [
     "EXPERIMENTS", "accuracy_drop", "accuracy_table", "area_under_curve", "compare_accuracy",
     "compare_healed", "compare_orderings", "compare_variants", "curve_table",
     "generation_table", "healing_accuracy", "healing_curve", "paired_difference",
-    "perplexity_ratio", "rank_table", "reference", "speed_table", "variant_table",
+    "perplexity_ratio", "rank_table", "reference", "speed_table", "variant_table", "wanda_variant",
     # evaluation and cost
     "DEFAULT_SUITE", "GENERATION_PROMPTS", "binomial_ci", "bootstrap_interval", "cost",
     "decoded_accuracy",

@@ -180,9 +180,12 @@ def accuracy_drop(result: Result, ordering: str, k: int, *, n_boot: int = 2000,
 
 
 def _variant_nll(result: Result) -> pd.DataFrame:
-    """NLL per evaluation window: index ``(corpus, window)``, one column per variant."""
-    return result["ppl"].pivot_table(index=["corpus", "window"], columns="variant",
-                                     values="nll")
+    """NLL per evaluation window: index ``(corpus, window)``, one column per variant (a run
+    on one corpus, such as ``wanda``, names it in its parameters)."""
+    ppl = result["ppl"]
+    if "corpus" not in ppl.columns:
+        ppl = ppl.assign(corpus=result.params["corpus"])
+    return ppl.pivot_table(index=["corpus", "window"], columns="variant", values="nll")
 
 
 def _variant_verdicts(result: Result, name: str) -> pd.Series:
@@ -194,12 +197,17 @@ def _variant_verdicts(result: Result, name: str) -> pd.Series:
     return part.set_index("item")["correct"]
 
 
+def _scored_on_items(result: Result, name: str) -> bool:
+    return bool((result["items"]["variant"] == name).any())
+
+
 def compare_variants(result: Result, a: str, b: str, *, corpus: str | None = None,
                      n_boot: int = 2000, seed: int = 0) -> dict:
-    """Variant ``a`` against ``b`` of a stored comparison run, on the same units:
+    """Variant ``a`` against ``b`` of a stored comparison or wanda run, on the same units:
     ``ppl`` is :func:`perplexity_ratio` over every evaluation window of every corpus pooled,
     or of ``corpus`` alone (``a`` over ``b``), and ``acc`` the accuracy of ``a`` minus that
-    of ``b``, paired over every benchmark item (:func:`paired_difference`)."""
+    of ``b``, paired over every benchmark item (:func:`paired_difference`); ``acc`` is
+    ``None`` when the run scored either of them on perplexity alone."""
     nll = _variant_nll(result)
     for name in (a, b):
         if name not in nll.columns:
@@ -210,9 +218,11 @@ def compare_variants(result: Result, a: str, b: str, *, corpus: str | None = Non
         if corpus not in corpora:
             raise ValueError(f"No corpus {corpus!r} in this run; it has {', '.join(corpora)}.")
         nll = nll.loc[corpus]
-    return {"ppl": perplexity_ratio(nll[a], nll[b], n_boot=n_boot, seed=seed),
-            "acc": paired_difference(_variant_verdicts(result, a), _variant_verdicts(result, b),
-                                     n_boot=n_boot, seed=seed)}
+    acc = None
+    if _scored_on_items(result, a) and _scored_on_items(result, b):
+        acc = paired_difference(_variant_verdicts(result, a), _variant_verdicts(result, b),
+                                n_boot=n_boot, seed=seed)
+    return {"ppl": perplexity_ratio(nll[a], nll[b], n_boot=n_boot, seed=seed), "acc": acc}
 
 
 def variant_table(result: Result, *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:

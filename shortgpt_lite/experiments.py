@@ -63,7 +63,7 @@ from .wanda import magnitude_prune, prunable_parameters, sparsity_report, wanda_
 
 __all__ = ["EXPERIMENTS", "STANDARD", "Result", "check", "load_result", "paired_difference",
            "perplexity_ratio", "reference", "removal_curve", "removal_plan", "results_dirs", "run",
-           "standard_params"]
+           "standard_params", "wanda_variant"]
 
 RESULTS_ENV = "SHORTGPT_LITE_RESULTS"
 REPO_RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -682,17 +682,27 @@ def _check_comparison(model, tokenizer, result: Result, windows: int = 2,
     picked = list(range(min(n_items, len(items))))
     for name, pruned in _recheck_sizes(model, tokenizer, result, calibration,
                                        ("layers", "params_total", "params_nonzero"), problems):
-        nll = _ppl_rows(pruned, evaluation[corpus][:windows], name, p["batch_size"])["nll"]
         want = result["ppl"][(result["ppl"]["variant"] == name)
                              & (result["ppl"]["corpus"] == corpus)].set_index("window")["nll"]
-        diff = np.abs(nll.to_numpy() - want.loc[range(len(nll))].to_numpy())
-        if not (diff < 5e-3).all():
-            problems.append(f"{name}: window NLL moved by up to {diff.max():.3g} nats")
-        rows = _item_rows(pruned, tokenizer, [items[i] for i in picked],
-                          [tasks[i] for i in picked], name, p["batch_size"])
-        stored_items = result["items"][result["items"]["variant"] == name].set_index("item")
-        problems += _compare_items(name, rows.assign(item=picked), stored_items)
+        problems += _recheck_copy(pruned, name, tokenizer, evaluation[corpus][:windows], want,
+                                  items, tasks, picked, result)
     return problems
+
+
+def _recheck_copy(pruned, name, tokenizer, windows, stored_nll, items, tasks, picked,
+                  result: Result) -> list[str]:
+    """Problems of one pruned copy of a variant run, recomputed: its NLL on ``windows``
+    against ``stored_nll`` (by window) and its verdicts on the ``picked`` items."""
+    problems = []
+    bs = result.params["batch_size"]
+    nll = _ppl_rows(pruned, windows, name, bs)["nll"]
+    diff = np.abs(nll.to_numpy() - stored_nll.loc[range(len(nll))].to_numpy())
+    if not (diff < 5e-3).all():
+        problems.append(f"{name}: window NLL moved by up to {diff.max():.3g} nats")
+    rows = _item_rows(pruned, tokenizer, [items[i] for i in picked], [tasks[i] for i in picked],
+                      name, bs)
+    stored_items = result["items"][result["items"]["variant"] == name].set_index("item")
+    return problems + _compare_items(name, rows.assign(item=picked), stored_items)
 
 
 EXPERIMENTS["comparison"] = Experiment(
@@ -721,10 +731,17 @@ EXPERIMENTS["comparison"] = Experiment(
 PAPER_GROUP = {"magnitude": "layer", "wanda": "row"}  # each rule as Wanda's tables run it
 
 
+def wanda_variant(score: str, group: str, sparsity, calibration: int | None = None) -> str:
+    """The name of a copy in the ``wanda`` run: ``score`` ``"magnitude"`` or ``"wanda"``,
+    ``group`` ``"layer"`` or ``"row"``, ``sparsity`` a fraction or ``"N:M"``, and
+    ``calibration`` the number of calibration windows where it is not the run's own, e.g.
+    ``wanda_variant("wanda", "row", 0.5)`` is ``"wanda/row@0.5"``."""
+    return f"{score}/{group}@{sparsity}" + (f"+cal{calibration}" if calibration else "")
+
+
 def _weight_variant(score: str, group: str, sparsity, calibration: int | None = None) -> dict:
-    name = f"{score}/{group}@{sparsity}" + (f"+cal{calibration}" if calibration else "")
-    return {"variant": name, "score": score, "group": group, "pattern": str(sparsity),
-            "calibration_windows": calibration}
+    return {"variant": wanda_variant(score, group, sparsity, calibration), "score": score,
+            "group": group, "pattern": str(sparsity), "calibration_windows": calibration}
 
 
 def _weight_variants(p) -> list[dict]:
@@ -794,15 +811,9 @@ def _check_wanda(model, tokenizer, result: Result, windows: int = 2,
         if abs(got - stored.loc[name, "sparsity"]) > 1e-6:
             problems.append(f"{name}: sparsity {got:.6f} against stored "
                             f"{stored.loc[name, 'sparsity']:.6f}")
-        nll = _ppl_rows(pruned, ev[:windows], name, p["batch_size"])["nll"]
         want = result["ppl"][result["ppl"]["variant"] == name].set_index("window")["nll"]
-        diff = np.abs(nll.to_numpy() - want.loc[range(len(nll))].to_numpy())
-        if not (diff < 5e-3).all():
-            problems.append(f"{name}: window NLL moved by up to {diff.max():.3g} nats")
-        rows = _item_rows(pruned, tokenizer, [items[i] for i in picked],
-                          [tasks[i] for i in picked], name, p["batch_size"])
-        stored_items = result["items"][result["items"]["variant"] == name].set_index("item")
-        problems += _compare_items(name, rows.assign(item=picked), stored_items)
+        problems += _recheck_copy(pruned, name, tokenizer, ev[:windows], want, items, tasks,
+                                  picked, result)
     return problems
 
 

@@ -309,6 +309,10 @@ def test_wanda_crosses_score_and_group_and_measures_every_copy_on_the_same_units
     assert r["ppl"].groupby("variant").size().eq(3).all() and len(r["ppl"]) == 3 * len(v)
     assert set(r["items"]["variant"]) == {"dense", *grid, *nm}
     assert r["items"].groupby("variant")["item"].apply(list).map(tuple).nunique() == 1
+    # read in pairs: accuracy only where both copies were scored on the items
+    both = sgl.compare_variants(r, "wanda/row@0.5", "magnitude/layer@0.5")
+    assert both["ppl"]["n"] == 3 and both["acc"]["n"] == 6
+    assert sgl.compare_variants(r, "wanda/row@0.3", "dense")["acc"] is None
     # the stored copies are the library's: the row mask of |W| on one layer, recomputed
     model, _ = tiny
     pruned = sgl.magnitude_prune(model, 0.5, per="row", progress=False)
