@@ -795,7 +795,7 @@ def _compute_wanda(model, tokenizer, store, progress, **p) -> None:
 
 
 def _check_wanda(model, tokenizer, result: Result, windows: int = 2,
-                          n_items: int = 20) -> list[str]:
+                 n_items: int = 20) -> list[str]:
     """Recompute a slice: each rule as the paper runs it at the 2x2's sparsity, its
     achieved sparsity, the first ``windows`` windows and ``n_items`` items."""
     p, problems = result.params, []

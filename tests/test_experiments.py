@@ -313,7 +313,7 @@ def test_wanda_crosses_score_and_group_and_measures_every_copy_on_the_same_units
     both = sgl.compare_variants(r, "wanda/row@0.5", "magnitude/layer@0.5")
     assert both["ppl"]["n"] == 3 and both["acc"]["n"] == 6
     assert sgl.compare_variants(r, "wanda/row@0.3", "dense")["acc"] is None
-    # the stored copies are the library's: the row mask of |W| on one layer, recomputed
+    # the stored copies are the library's: magnitude per row, pruned again, gives the same NLL
     model, _ = tiny
     pruned = sgl.magnitude_prune(model, 0.5, per="row", progress=False)
     nll = sgl.perplexity(pruned, sgl.token_windows(tiny[1], sgl.load_text("wikipedia", "evaluation"),
