@@ -483,20 +483,23 @@ def _check_removal(model, tokenizer, result: Result, windows: int = 2,
     return problems
 
 
-def _compare_items(removed, got: pd.DataFrame, stored: pd.DataFrame) -> list[str]:
-    """Log-likelihoods within 0.05 nats; a right/wrong verdict may flip only where the two
-    best choices of the stored run were within 0.1 nats (a near-tie)."""
+def _compare_items(removed, got: pd.DataFrame, stored: pd.DataFrame,
+                   rel: float = 0.0) -> list[str]:
+    """Log-likelihoods within 0.05 nats (plus ``rel`` of their size); a right/wrong verdict
+    may flip only where the two best choices of the stored run were within twice that
+    (a near-tie)."""
     problems = []
     for row in got.itertuples(index=False):
         s = stored.loc[row.item]
         ours = np.array(row.loglikelihoods.split(), dtype=float)
         theirs = np.array(s["loglikelihoods"].split(), dtype=float)
-        if ours.shape != theirs.shape or np.abs(ours - theirs).max() > 0.05:
+        tolerance = 0.05 + rel * np.abs(theirs)
+        if ours.shape != theirs.shape or (np.abs(ours - theirs) > tolerance).any():
             problems.append(f"plan {removed!r}, item {row.item}: log-likelihoods "
                             f"{ours.round(3).tolist()} against stored {theirs.round(3).tolist()}")
             continue
         top = np.sort(theirs)[-2:] if len(theirs) > 1 else theirs
-        near_tie = len(theirs) > 1 and top[1] - top[0] < 0.1
+        near_tie = len(theirs) > 1 and top[1] - top[0] < 2 * tolerance.max()
         if row.correct != s["correct"] and not near_tie:
             problems.append(f"plan {removed!r}, item {row.item}: verdict flipped without a "
                             "near-tie")
@@ -690,19 +693,21 @@ def _check_comparison(model, tokenizer, result: Result, windows: int = 2,
 
 
 def _recheck_copy(pruned, name, tokenizer, windows, stored_nll, items, tasks, picked,
-                  result: Result) -> list[str]:
+                  result: Result, nll_rel: float = 0.0, item_rel: float = 0.0) -> list[str]:
     """Problems of one pruned copy of a variant run, recomputed: its NLL on ``windows``
-    against ``stored_nll`` (by window) and its verdicts on the ``picked`` items."""
+    against ``stored_nll`` (by window, within 5e-3 nats plus ``nll_rel`` of the NLL) and its
+    verdicts on the ``picked`` items (:func:`_compare_items` with ``item_rel``)."""
     problems = []
     bs = result.params["batch_size"]
     nll = _ppl_rows(pruned, windows, name, bs)["nll"]
-    diff = np.abs(nll.to_numpy() - stored_nll.loc[range(len(nll))].to_numpy())
-    if not (diff < 5e-3).all():
+    want = stored_nll.loc[range(len(nll))].to_numpy()
+    diff = np.abs(nll.to_numpy() - want)
+    if not (diff < 5e-3 + nll_rel * np.abs(want)).all():
         problems.append(f"{name}: window NLL moved by up to {diff.max():.3g} nats")
     rows = _item_rows(pruned, tokenizer, [items[i] for i in picked], [tasks[i] for i in picked],
                       name, bs)
     stored_items = result["items"][result["items"]["variant"] == name].set_index("item")
-    return problems + _compare_items(name, rows.assign(item=picked), stored_items)
+    return problems + _compare_items(name, rows.assign(item=picked), stored_items, item_rel)
 
 
 EXPERIMENTS["comparison"] = Experiment(
@@ -729,6 +734,12 @@ EXPERIMENTS["comparison"] = Experiment(
 # measured on the same evaluation windows, the 2x2 and the N:M copies on the same items.
 
 PAPER_GROUP = {"magnitude": "layer", "wanda": "row"}  # each rule as Wanda's tables run it
+# On another CPU's kernels the input norms differ in their last bits, so a Wanda mask keeps
+# other weights among near-tied scores, and the change carries through the blocks that
+# follow. Recomputed with ATEN_CPU_CAPABILITY=avx2 or default, window NLLs moved by up to
+# 0.016 nats (0.4%) and item log-likelihoods, sums over a few tokens, by up to 1.3%; no
+# verdict flipped. Magnitude masks do not move. The relative tolerances (window NLL, item):
+WANDA_REL = (0.01, 0.03)
 
 
 def wanda_variant(score: str, group: str, sparsity, calibration: int | None = None) -> str:
@@ -813,7 +824,7 @@ def _check_wanda(model, tokenizer, result: Result, windows: int = 2,
                             f"{stored.loc[name, 'sparsity']:.6f}")
         want = result["ppl"][result["ppl"]["variant"] == name].set_index("window")["nll"]
         problems += _recheck_copy(pruned, name, tokenizer, ev[:windows], want, items, tasks,
-                                  picked, result)
+                                  picked, result, *(WANDA_REL if v["score"] == "wanda" else (0, 0)))
     return problems
 
 

@@ -322,8 +322,16 @@ def test_wanda_crosses_score_and_group_and_measures_every_copy_on_the_same_units
     assert stored == pytest.approx(nll["nll_per_window"], abs=1e-5)
     assert ex.check(r, loaded=tiny) == []
     stale = ex.load_result(r.path)
-    stale["ppl"].loc[stale["ppl"]["variant"] == "wanda/row@0.5", "nll"] += 0.01
+    stale["ppl"].loc[stale["ppl"]["variant"] == "wanda/row@0.5", "nll"] *= 1.05
     assert any("wanda/row@0.5: window NLL moved" in p for p in ex.check(stale, loaded=tiny))
+    # Wanda's masks may move among near-tied scores on another CPU, magnitude's may not: a
+    # 0.5% change of every log-likelihood is within Wanda's tolerance and beyond magnitude's
+    stale = ex.load_result(r.path)
+    stale["items"]["loglikelihoods"] = [" ".join(f"{float(x) * 1.005:.6f}" for x in ll.split())
+                                        for ll in stale["items"]["loglikelihoods"]]
+    problems = ex.check(stale, loaded=tiny)
+    assert any("'magnitude/layer@0.5', item" in p for p in problems)
+    assert not any("'wanda/row@0.5', item" in p for p in problems)
     stale = ex.load_result(r.path)
     stale["variants"].loc[stale["variants"]["variant"] == "magnitude/layer@0.5", "sparsity"] -= 0.1
     assert any("magnitude/layer@0.5: sparsity" in p for p in ex.check(stale, loaded=tiny))
