@@ -813,9 +813,9 @@ def _check_wanda(model, tokenizer, result: Result, windows: int = 2,
     calibration, ev, items, tasks = _removal_data(tokenizer, p)
     stored = result["variants"].set_index("variant")
     picked = list(range(min(n_items, len(items))))
+    rechecked = [wanda_variant(s, g, p["sparsity"]) for s, g in PAPER_GROUP.items()]
     for v in _weight_variants(p):
-        if v["group"] != PAPER_GROUP.get(v["score"]) or v["pattern"] != str(p["sparsity"]) \
-                or (v["score"] == "wanda" and v["calibration_windows"] != p["calibration_windows"]):
+        if v["variant"] not in rechecked:
             continue
         name, pruned = v["variant"], _weight_prune(model, v, calibration)
         got = float(sparsity_report(pruned)["zeros"].sum() / prunable_parameters(pruned))
