@@ -38,7 +38,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .comparison import prune_to_budget
-from .context import domain_windows
+from .context import (
+    DOMAINS,
+    ContextPlan,
+    context_plan,
+    context_prune,
+    context_statistics,
+    domain_windows,
+    normalised_l1,
+    random_plan,
+    shrink_vocabulary,
+)
 from .costs import param_counts, serialized_bytes, speed_runs, summarise_speeds
 from .data import load_benchmark, load_text, token_windows
 from .evaluate import (
@@ -61,9 +71,9 @@ from .provenance import environment
 from .removal import remove_layers
 from .wanda import magnitude_prune, prunable_parameters, sparsity_report, wanda_prune
 
-__all__ = ["EXPERIMENTS", "STANDARD", "Result", "check", "load_result", "paired_difference",
-           "perplexity_ratio", "reference", "removal_curve", "removal_plan", "results_dirs", "run",
-           "standard_params", "wanda_variant"]
+__all__ = ["EXPERIMENTS", "STANDARD", "Result", "check", "context_plans", "load_result",
+           "paired_difference", "perplexity_ratio", "reference", "removal_curve", "removal_plan",
+           "results_dirs", "run", "standard_params", "wanda_variant"]
 
 RESULTS_ENV = "SHORTGPT_LITE_RESULTS"
 REPO_RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -842,6 +852,249 @@ EXPERIMENTS["wanda"] = Experiment(
               "item_seed": 0, "batch_size": 16},
     tables=("variants", "ppl", "items"))
 
+# -------------------------------------------------------- the context-pruning experiment
+#
+# Chapter 05's questions on the evidence standard's units (Valicenti et al. 2023): every
+# text's MLP statistic a_j and its plan (the lowest `fraction` of every layer) from
+# `calibration_windows` windows, and from each half of them, so that the overlap of two
+# domains' plans can be read against the overlap of two samples of one domain; every plan
+# and a random plan with as many neurons per layer, removed physically and measured on
+# the same evaluation windows of every text and on the same benchmark items; and what the
+# first domain's plan costs, zeroed, removed, and removed with the vocabulary shrunk, all
+# timed together.
+
+CONTEXT_QUANTILES = {"weakest": 0.0, "median": 0.5, "p99": 0.99}
+
+
+def _context_texts(p) -> list[str]:
+    return list(dict.fromkeys([*p["domains"], p["reference"]]))
+
+
+def _context_data(tokenizer, p):
+    texts = _context_texts(p)
+    cal = {t: token_windows(tokenizer, load_text(t, "calibration"), p["seq_len"],
+                            p["calibration_windows"]) for t in texts}
+    ev = {t: token_windows(tokenizer, load_text(t, "evaluation"), p["seq_len"],
+                           p["eval_windows"]) for t in texts}
+    short = [f"{t} {split} {len(w)}" for split, got, want in
+             (("calibration", cal, p["calibration_windows"]), ("evaluation", ev, p["eval_windows"]))
+             for t, w in got.items() if len(w) < want]
+    if short:
+        raise ValueError(f"Too little text for {p['seq_len']}-token windows ({', '.join(short)} "
+                         "windows). Lower calibration_windows, eval_windows or seq_len.")
+    return cal, ev, *_benchmark_items(p)
+
+
+def _context_statistics(model, cal, p) -> dict:
+    """Statistics of every text on all its calibration windows (``"law"``) and on each half
+    of them (``"law/1"``, ``"law/2"``)."""
+    half = p["calibration_windows"] // 2
+    out = {}
+    for t, w in cal.items():
+        out[t] = context_statistics(model, w, progress=False)
+        out[f"{t}/1"] = context_statistics(model, w[:half], progress=False)
+        out[f"{t}/2"] = context_statistics(model, w[half:2 * half], progress=False)
+    return out
+
+
+def _activation_plan(stats, p):
+    return context_plan(stats, fraction=p["fraction"], linear=False, embeddings=False)
+
+
+def _context_tables(stats: dict, ev: dict, p) -> dict[str, pd.DataFrame]:
+    """What the statistics say, before anything is pruned: the plans, the spread of the
+    normalised statistic per layer, the quiet neurons under each threshold by our rule
+    (a_j over the layer's largest) and by the paper's code (raw a_j), and how much of each
+    text's evaluation split the calibration text's vocabulary covers."""
+    plans, spread, quiet, vocabulary = [], [], [], []
+    for name, s in stats.items():
+        plan = _activation_plan(s, p)
+        plans += [{"plan": name, "layer": b, "width": m.numel(),
+                   "pruned": _plan_text(m.nonzero().flatten().tolist())}
+                  for b, m in plan.activation.items()]
+        if "/" in name:
+            continue
+        for b, a in s.activation.items():
+            n = normalised_l1(a)
+            spread += [{"text": name, "layer": b, "quantile": q, "value": float(n.quantile(x))}
+                       for q, x in CONTEXT_QUANTILES.items()]
+            for thr in p["thresholds"]:
+                quiet += [{"text": name, "layer": b, "threshold": thr, "rule": "normalised",
+                           "quiet": int((n < thr).sum())},
+                          {"text": name, "layer": b, "threshold": thr, "rule": "raw",
+                           "quiet": int((a <= thr).sum())}]
+        seen = s.token_counts > 0
+        vocabulary.append({"text": name, "tokens": s.tokens, "distinct": int(seen.sum()),
+                           "vocabulary": seen.numel(),
+                           "evaluation_seen": float(seen[ev[name]].float().mean())})
+    return {"plans": pd.DataFrame(plans), "spread": pd.DataFrame(spread),
+            "quiet": pd.DataFrame(quiet), "vocabulary": pd.DataFrame(vocabulary)}
+
+
+def context_plans(result: Result) -> dict[str, ContextPlan]:
+    """The plans of a stored ``context`` run, by name: each text's (``"law"``), each half's
+    (``"law/1"``, ``"law/2"``) and ``"random"``, as :class:`ContextPlan` objects that
+    :func:`context_prune` applies."""
+    out = {}
+    for name, rows in result["plans"].groupby("plan", sort=False):
+        activation = {}
+        for r in rows.itertuples(index=False):
+            mask = torch.zeros(int(r.width), dtype=torch.bool)
+            mask[list(_plan_layers(r.pruned))] = True
+            activation[int(r.layer)] = mask
+        out[name] = ContextPlan(activation=activation,
+                                rule={"fraction": result.params["fraction"], "plan": name})
+    return out
+
+
+def _context_models(p) -> list[str]:
+    return ["unpruned", *_context_texts(p), "random"]
+
+
+def _context_copy(model, plans, name, physical=True):
+    return model if name == "unpruned" else context_prune(model, plans[name], physical=physical,
+                                                          progress=False).eval()
+
+
+def _context_costs(model, tokenizer, plan, stats, p, progress) -> dict[str, pd.DataFrame]:
+    """Sizes and interleaved timings of the unpruned model and the first domain's plan
+    zeroed, removed, and removed with the vocabulary cut to its calibration tokens."""
+    physical = context_prune(model, plan, physical=True, progress=False).eval()
+    config = text_config(model)
+    named = [getattr(config, n, None) for n in ("bos_token_id", "eos_token_id", "pad_token_id")]
+    special = [*tokenizer.all_special_ids,
+               *(i for n in named if n is not None for i in (n if isinstance(n, list) else [n]))]
+    tokens = context_plan(stats, fraction=p["fraction"], linear=False,
+                          keep_tokens=special).tokens
+    copies = {"unpruned": model,
+              "zero-masked": context_prune(model, plan, progress=False).eval(),
+              "physical": physical,
+              "physical + vocabulary": shrink_vocabulary(physical, ~tokens)[0].eval()}
+    sizes = pd.DataFrame([{"model": n, "params_total": param_counts(m)[0],
+                           "params_nonzero": param_counts(m)[1], "file_bytes": serialized_bytes(m)}
+                          for n, m in copies.items()])
+    runs = speed_runs(copies, p["prompt_tokens"], p["decode_tokens"], p["repeats"],
+                      progress=progress)
+    return {"sizes": sizes, "timings": runs}
+
+
+def _compute_context(model, tokenizer, store, progress, **p) -> None:
+    cal, ev, items, tasks = _context_data(tokenizer, p)
+    first = p["domains"][0]
+    stats = None
+    if store.read("plans") is None:
+        stats = _context_statistics(model, cal, p)
+        tables = _context_tables(stats, ev, p)
+        for t in ("spread", "quiet", "vocabulary", "plans"):  # plans last: the marker
+            store.append(t, tables[t])
+    plans = context_plans(Result("context", "", p, {"plans": store.read("plans")}, {}))
+    plans["random"] = random_plan(plans[first], seed=p["random_seed"])
+    if "random" not in store.done("plans", "plan"):
+        store.append("plans", pd.DataFrame(
+            [{"plan": "random", "layer": b, "width": m.numel(),
+              "pruned": _plan_text(m.nonzero().flatten().tolist())}
+             for b, m in plans["random"].activation.items()]))
+    done = store.done("variants", "variant")
+    bs = p["batch_size"]
+    for name in tqdm(_context_models(p), desc="pruned models measured", unit="model",
+                     disable=not progress):
+        if name in done:
+            continue
+        pruned = _context_copy(model, plans, name)
+        if name not in store.done("ppl", "variant"):
+            store.append("ppl", pd.concat(
+                [_ppl_rows(pruned, w, name, bs).rename(columns={"removed": "variant"})
+                 .assign(corpus=t) for t, w in ev.items()]))
+        if name not in store.done("items", "variant"):
+            store.append("items", _item_rows(pruned, tokenizer, items, tasks, name, bs)
+                         .rename(columns={"removed": "variant"}))
+        total, kept = param_counts(pruned)
+        store.append("variants", pd.DataFrame([{"variant": name, "params_total": total,
+                                                "params_nonzero": kept}]))
+        del pruned
+    if store.read("timings") is None:
+        if stats is None:
+            stats = {first: context_statistics(model, cal[first], progress=False)}
+        costs = _context_costs(model, tokenizer, plans[first], stats[first], p, progress)
+        store.append("sizes", costs["sizes"])
+        store.append("timings", costs["timings"])
+
+
+# Near-ties between neurons' statistics may fall the other way on another CPU's kernels;
+# the plans recomputed under ATEN_CPU_CAPABILITY=avx2 and default keep at least this share
+# of the stored neurons.
+CONTEXT_PLAN_AGREEMENT = 0.99
+
+
+def _check_context(model, tokenizer, result: Result, windows: int = 2,
+                   n_items: int = 20) -> list[str]:
+    """Recompute a slice: the first domain's plan from its calibration windows, the stored
+    plan removed physically on the first ``windows`` windows of that domain and ``n_items``
+    items, the sizes of the copies the costs compare; the timings for completeness and for
+    what holds on any idle machine (zeroing costs no time)."""
+    p, problems = result.params, []
+    cal, ev, items, tasks = _context_data(tokenizer, p)
+    first = p["domains"][0]
+    stored = context_plans(result)
+    fresh = _activation_plan(context_statistics(model, cal[first], progress=False), p)
+    a = torch.stack([stored[first].activation[b] for b in sorted(fresh.activation)])
+    b = torch.stack([fresh.activation[b] for b in sorted(fresh.activation)])
+    agreement = (a & b).sum().item() / a.sum().item()
+    if agreement < CONTEXT_PLAN_AGREEMENT:
+        problems.append(f"plan {first!r}: only {agreement:.1%} of its neurons recomputed")
+    pruned = _context_copy(model, stored, first)
+    ppl = result["ppl"]
+    want = ppl[(ppl["variant"] == first) & (ppl["corpus"] == first)].set_index("window")["nll"]
+    problems += _recheck_copy(pruned, first, tokenizer, ev[first][:windows], want, items, tasks,
+                              list(range(min(n_items, len(items)))), result)
+    sizes = result["sizes"].set_index("model")
+    got = pd.Series({"unpruned": serialized_bytes(model), "physical": serialized_bytes(pruned)})
+    for name, size in got.items():
+        if int(size) != int(sizes.loc[name, "file_bytes"]):
+            problems.append(f"{name}: file_bytes {size} against stored "
+                            f"{sizes.loc[name, 'file_bytes']}")
+    counts = result["timings"].groupby("model").size()
+    if set(counts.index) != set(sizes.index) or not (counts == p["repeats"]).all():
+        problems.append(f"timings: expected {p['repeats']} runs of every model, got "
+                        f"{counts.to_dict()}")
+    speeds = summarise_speeds(result["timings"])
+    r = speeds.loc["zero-masked", "prefill_seconds"] / speeds.loc["unpruned", "prefill_seconds"]
+    if not 0.8 < r < 1.25:
+        problems.append(f"zero-masked has the unpruned model's compute but prefilled at x{r:.2f} "
+                        "of its time: the machine was not idle")
+    return problems
+
+
+def _validate_context(p) -> None:
+    unknown = [d for d in p["domains"] if d not in DOMAINS]
+    if not p["domains"] or unknown:
+        raise ValueError(f"domains must be some of {', '.join(DOMAINS)}; got {p['domains']}.")
+    if p["calibration_windows"] < 2:
+        raise ValueError("calibration_windows must be at least 2: the plans of its two halves "
+                         "are the noise floor of the overlaps.")
+    if not 0 < p["fraction"] < 1:
+        raise ValueError(f"fraction is the share of MLP neurons pruned in every layer, in "
+                         f"(0, 1); got {p['fraction']}.")
+
+
+EXPERIMENTS["context"] = Experiment(
+    "context",
+    "Context pruning as Mini-GPT studies it: each text's MLP activation statistic and its "
+    "plan (the quietest fraction of every layer) from its calibration windows and from each "
+    "half of them; every plan and a random one removed physically, perplexity per evaluation "
+    "window of every text and per-item accuracy; the first domain's plan zeroed, removed and "
+    "with its vocabulary cut, sized and timed together",
+    _compute_context, _check_context,
+    defaults={"domains": ["law", "medicine", "code"], "reference": "wikipedia", "seq_len": 256,
+              "calibration_windows": 32, "eval_windows": 64, "fraction": 0.25,
+              "thresholds": [1e-3, 1e-2, 1e-1], "random_seed": 0,
+              "tasks": ["piqa", "hellaswag", "winogrande", "arc_easy"], "n_items": 200,
+              "item_seed": 0, "prompt_tokens": 512, "decode_tokens": 32, "repeats": 7,
+              "batch_size": 16},
+    tables=("plans", "spread", "quiet", "vocabulary", "variants", "ppl", "items", "sizes",
+            "timings"),
+    validate=_validate_context)
+
 # ------------------------------------------------------------------- the cost experiment
 #
 # What each pruned copy of the comparison costs to store and to run: the same methods,
@@ -1189,7 +1442,7 @@ STANDARD: dict[str, dict[str, dict]] = {
     "smollm2-135m": {"block_influence": {},
                      "removal": {"max_remove": 8, "accuracy_seeds": 3,
                                  "metrics": [m for m in REMOVAL_METRICS if m != "sequential"]},
-                     "wanda": {}, "comparison": {}, "costs": {}, "healing": {},
+                     "wanda": {}, "context": {}, "comparison": {}, "costs": {}, "healing": {},
                      "generation": {}},
     "gemma3-270m": {"block_influence": {},
                     "removal": {"max_remove": 5, "metrics": ["bi", "angular", "gromov",

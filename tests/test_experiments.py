@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import shortgpt_lite as sgl
 from shortgpt_lite import experiments as ex
@@ -495,3 +496,76 @@ def test_generation_decodes_every_model_on_the_same_items(tiny, isolated):
     dense = stale["items"]["model"] == "dense"
     stale["items"].loc[dense, "correct"] = ~stale["items"].loc[dense, "correct"].astype(bool)
     assert any("dense: 4 of" in p for p in ex.check(stale, loaded=tiny))
+
+
+CONTEXT = {"domains": ["law", "code"], "seq_len": 32, "calibration_windows": 4,
+           "eval_windows": 3, "tasks": ["piqa", "winogrande"], "n_items": 3, "prompt_tokens": 8,
+           "decode_tokens": 2, "repeats": 2, "batch_size": 4}
+
+
+def test_context_plans_every_text_and_its_halves_and_measures_every_plan_on_the_same_units(
+        tiny, isolated):
+    r = ex.run("context", "tiny", out=isolated / "stored", loaded=tiny, progress=False, **CONTEXT)
+    model, tokenizer = tiny
+    texts = ["law", "code", "wikipedia"]
+    plans = sgl.context_plans(r)
+    assert list(plans) == [n for t in texts for n in (t, f"{t}/1", f"{t}/2")] + ["random"]
+    width = model.config.intermediate_size
+    for plan in plans.values():
+        assert [int(m.sum()) for m in plan.activation.values()] == [round(0.25 * width)] * 5
+    # the stored plan is the library's, from the same windows
+    windows = sgl.token_windows(tokenizer, sgl.load_text("code", "calibration"), 32, 4)
+    fresh = sgl.context_plan(sgl.context_statistics(model, windows, progress=False),
+                             fraction=0.25, linear=False, embeddings=False)
+    assert all(torch.equal(fresh.activation[b], plans["code"].activation[b]) for b in range(5))
+    # the random plan prunes as many neurons per layer, elsewhere
+    assert not all(torch.equal(plans["random"].activation[b], plans["law"].activation[b])
+                   for b in range(5))
+    # every model on the same windows of every text and on the same items
+    models = ["unpruned", *texts, "random"]
+    assert r["variants"]["variant"].tolist() == models
+    assert r["ppl"].groupby(["variant", "corpus"]).size().eq(3).all() and len(r["ppl"]) == 5 * 3 * 3
+    assert r["items"].groupby("variant")["item"].apply(tuple).nunique() == 1
+    assert sgl.compare_variants(r, "law", "unpruned", corpus="code")["acc"]["n"] == 6
+    # physical removal: fewer parameters; its NLL is the one the stored plan gives
+    v = r["variants"].set_index("variant")
+    assert (v.loc[texts + ["random"], "params_total"] < v.loc["unpruned", "params_total"]).all()
+    pruned = sgl.context_prune(model, plans["law"], physical=True, progress=False)
+    ev = sgl.token_windows(tokenizer, sgl.load_text("wikipedia", "evaluation"), 32, 3)
+    nll = sgl.perplexity(pruned, ev, progress=False, per_window=True)["nll_per_window"]
+    stored = r["ppl"].query("variant == 'law' and corpus == 'wikipedia'")["nll"].to_numpy()
+    assert stored == pytest.approx(nll, abs=1e-5)
+    # the statistic's spread, quiet counts under both rules, vocabulary coverage
+    assert set(r["spread"]["text"]) == set(texts) and len(r["spread"]) == 3 * 5 * 3
+    assert set(r["quiet"]["rule"]) == {"normalised", "raw"}
+    assert (r["quiet"]["quiet"] <= width).all()
+    assert r["vocabulary"].set_index("text").loc["law", "tokens"] == 4 * 32
+    # costs: zeroing keeps the file, removal shrinks it, the vocabulary cut shrinks it more
+    size = r["sizes"].set_index("model")["file_bytes"]
+    assert size["zero-masked"] == size["unpruned"] > size["physical"] > size["physical + vocabulary"]
+    assert r["timings"].groupby("model").size().eq(2).all()
+    # the check: a faithful run passes; a moved NLL, a changed plan and a busy machine fail
+    problems = ex.check(r, loaded=tiny)
+    assert [p for p in problems if "machine was not idle" not in p] == []
+    stale = ex.load_result(r.path)
+    stale["ppl"].loc[stale["ppl"]["variant"] == "law", "nll"] += 0.01
+    assert any("law: window NLL moved" in p for p in ex.check(stale, loaded=tiny))
+    stale = ex.load_result(r.path)
+    first = stale["plans"].index[(stale["plans"]["plan"] == "law")][0]
+    stale["plans"].loc[first, "pruned"] = " ".join(str(i) for i in range(round(0.25 * width)))
+    assert any("plan 'law': only" in p for p in ex.check(stale, loaded=tiny))
+    stale = ex.load_result(r.path)
+    stale["timings"].loc[stale["timings"]["model"] == "zero-masked", "prefill_seconds"] *= 3
+    assert any("zero-masked has the unpruned model's compute" in p
+               for p in ex.check(stale, loaded=tiny))
+
+
+def test_context_refuses_what_it_cannot_run(tiny, isolated):
+    with pytest.raises(ValueError, match="domains must be some of"):
+        ex.run("context", "tiny", out=isolated, loaded=tiny, **{**CONTEXT, "domains": ["cooking"]})
+    with pytest.raises(ValueError, match="at least 2"):
+        ex.run("context", "tiny", out=isolated, loaded=tiny,
+               **{**CONTEXT, "calibration_windows": 1})
+    with pytest.raises(ValueError, match="Too little text"):
+        ex.run("context", "tiny", out=isolated, loaded=tiny,
+               **{**CONTEXT, "seq_len": 4096, "eval_windows": 10**4})
