@@ -914,10 +914,7 @@ def _context_tables(stats: dict, ev: dict, p) -> dict[str, pd.DataFrame]:
     text's evaluation split the calibration text's vocabulary covers."""
     plans, spread, quiet, vocabulary = [], [], [], []
     for name, s in stats.items():
-        plan = _activation_plan(s, p)
-        plans += [{"plan": name, "layer": b, "width": m.numel(),
-                   "pruned": _plan_text(m.nonzero().flatten().tolist())}
-                  for b, m in plan.activation.items()]
+        plans += _plan_rows(name, _activation_plan(s, p))
         if "/" in name:
             continue
         for b, a in s.activation.items():
@@ -935,6 +932,14 @@ def _context_tables(stats: dict, ev: dict, p) -> dict[str, pd.DataFrame]:
                            "evaluation_seen": float(seen[ev[name]].float().mean())})
     return {"plans": pd.DataFrame(plans), "spread": pd.DataFrame(spread),
             "quiet": pd.DataFrame(quiet), "vocabulary": pd.DataFrame(vocabulary)}
+
+
+def _plan_rows(name: str, plan: ContextPlan) -> list[dict]:
+    """One row per layer of ``plan``: its width and the indices of its pruned neurons (what
+    :func:`context_plans` reads back)."""
+    return [{"plan": name, "layer": b, "width": m.numel(),
+             "pruned": _plan_text(m.nonzero().flatten().tolist())}
+            for b, m in plan.activation.items()]
 
 
 def context_plans(result: Result) -> dict[str, ContextPlan]:
@@ -957,8 +962,9 @@ def _context_models(p) -> list[str]:
     return ["unpruned", *_context_texts(p), "random"]
 
 
-def _context_copy(model, plans, name, physical=True):
-    return model if name == "unpruned" else context_prune(model, plans[name], physical=physical,
+def _context_copy(model, plans, name):
+    """The model itself for ``"unpruned"``, else a copy with plan ``name``'s neurons removed."""
+    return model if name == "unpruned" else context_prune(model, plans[name], physical=True,
                                                           progress=False).eval()
 
 
@@ -976,9 +982,8 @@ def _context_costs(model, tokenizer, plan, stats, p, progress) -> dict[str, pd.D
               "zero-masked": context_prune(model, plan, progress=False).eval(),
               "physical": physical,
               "physical + vocabulary": shrink_vocabulary(physical, ~tokens)[0].eval()}
-    sizes = pd.DataFrame([{"model": n, "params_total": param_counts(m)[0],
-                           "params_nonzero": param_counts(m)[1], "file_bytes": serialized_bytes(m)}
-                          for n, m in copies.items()])
+    sizes = pd.DataFrame([{"model": n, **dict(zip(("params_total", "params_nonzero"), param_counts(m))),
+                           "file_bytes": serialized_bytes(m)} for n, m in copies.items()])
     runs = speed_runs(copies, p["prompt_tokens"], p["decode_tokens"], p["repeats"],
                       progress=progress)
     return {"sizes": sizes, "timings": runs}
@@ -996,10 +1001,7 @@ def _compute_context(model, tokenizer, store, progress, **p) -> None:
     plans = context_plans(Result("context", "", p, {"plans": store.read("plans")}, {}))
     plans["random"] = random_plan(plans[first], seed=p["random_seed"])
     if "random" not in store.done("plans", "plan"):
-        store.append("plans", pd.DataFrame(
-            [{"plan": "random", "layer": b, "width": m.numel(),
-              "pruned": _plan_text(m.nonzero().flatten().tolist())}
-             for b, m in plans["random"].activation.items()]))
+        store.append("plans", pd.DataFrame(_plan_rows("random", plans["random"])))
     done = store.done("variants", "variant")
     bs = p["batch_size"]
     for name in tqdm(_context_models(p), desc="pruned models measured", unit="model",
