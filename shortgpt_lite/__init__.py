@@ -44,8 +44,11 @@ from .stream import streamed_layer_statistics, streamed_wanda
 # Reference runs: stored experiments and paired comparisons
 from .experiments import (
     EXPERIMENTS,
+    budget_variant,
+    combining_variant,
     context_plans,
     paired_difference,
+    paired_speedups,
     perplexity_ratio,
     reference,
     removal_curve,
@@ -162,7 +165,7 @@ __all__ = [
     "check_model", "prune_checkpoint", "streamed_layer_statistics", "streamed_wanda",
     # reference runs
     "EXPERIMENTS", "accuracy_drop", "accuracy_table", "area_under_curve", "compare_accuracy",
-    "context_plans",
+    "budget_variant", "combining_variant", "context_plans", "paired_speedups",
     "compare_healed", "compare_orderings", "compare_variants", "curve_table",
     "generation_table", "healing_accuracy", "healing_curve", "paired_difference",
     "perplexity_ratio", "rank_table", "reference", "speed_table", "variant_table", "wanda_variant",

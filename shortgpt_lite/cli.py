@@ -443,7 +443,7 @@ def main(argv=None) -> None:
         description="Compute a reference run into OUT/<model>/<name>/; an interrupted run "
                     "resumes. Set any parameter of the experiment as --name value.")
     experiment.add_argument("name", help="the experiment (removal, block_influence, wanda, context, "
-                                         "comparison, costs, healing, generation), or all "
+                                         "comparison, combining, costs, healing, generation), or all "
                                          "for every stored run")
     experiment.add_argument("--model", default="smollm2-135m", help="a bundled model, a local "
                             "folder or a hub id (default smollm2-135m)")

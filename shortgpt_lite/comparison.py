@@ -29,7 +29,8 @@ parameter and shrinks their storage instead.
                           at the same budget, so ``width`` is the baseline the book compares
 ``context``               Mini-GPT context pruning of MLP neurons on ``domain`` text, the
                           same count in every layer, physically removed (Valicenti et al. 2023)
-``shortgpt+wanda``        half the budget by layer removal, the rest by Wanda
+``shortgpt+wanda``        a share ``depth_share`` of the budget (half by default) by layer
+                          removal, rounded to whole layers, the rest by Wanda
 ``int8``                  int8 dynamic quantization of the block linears, nothing removed
 ``shortgpt+int8``         layer removal at the budget, then int8 (ShortGPT's orthogonality)
 ========================= ====================================================================
@@ -84,7 +85,7 @@ METHODS = {
     "width+heads": "attention heads and MLP neurons of least activation on the calibration "
                    "text, about the same share of each, physically removed",
     "context": "Mini-GPT context pruning of MLP neurons, physically removed",
-    "shortgpt+wanda": "half the budget by layer removal, the rest by Wanda",
+    "shortgpt+wanda": "a share of the budget (half by default) by layer removal, the rest by Wanda",
     "int8": "int8 dynamic quantization of the block linears",
     "shortgpt+int8": "layer removal at the budget, then int8 dynamic quantization",
 }
@@ -159,18 +160,24 @@ def _sparsity_for(model, n_params: float, method: str) -> float:
 
 
 def prune_to_budget(model: nn.Module, method: str, budget: float, *, windows=None,
-                    domain_data=None, progress: bool = True) -> tuple[nn.Module, dict]:
+                    domain_data=None, depth_share: float = 0.5,
+                    progress: bool = True) -> tuple[nn.Module, dict]:
     """A pruned copy of ``model`` with about ``budget`` of its parameters removed by
     ``method`` (one of :data:`METHODS`), and a dict saying what was done.
 
     ``windows`` (calibration tokens) are needed by ``shortgpt``, ``wanda``, ``width`` and
     the combinations; ``domain_data`` (the domain's token windows) by ``context``.
+    ``depth_share`` is the share of the budget ``shortgpt+wanda`` spends on removing layers
+    (rounded to whole layers; Wanda removes the rest): 0 is Wanda alone, 1 removal alone.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}. Choose from: {', '.join(METHODS)}.")
     if not (0.0 <= budget < 1.0):
         raise ValueError(f"budget is the fraction of parameters to remove, in [0, 1); got "
                          f"{budget}.")
+    if not 0.0 <= depth_share <= 1.0:
+        raise ValueError(f"depth_share is the share of the budget spent on removing layers, in "
+                         f"[0, 1]; got {depth_share}.")
     _check_int8_runs(model, [method])
     total = param_counts(model)[0]
     target = budget * total
@@ -199,11 +206,14 @@ def prune_to_budget(model: nn.Module, method: str, budget: float, *, windows=Non
     if method == "width+heads":
         return _width_with_heads(model, windows, target, progress)
     if method == "shortgpt+wanda":
-        pruned, info = _shortgpt(model, windows, target / 2, progress)
+        pruned, info = _shortgpt(model, windows, depth_share * target, progress)
         rest = target - (total - param_counts(pruned)[0])
         s = _sparsity_for(pruned, max(0.0, rest), method)
         info["sparsity_of_linears"] = s
-        return wanda_prune(pruned, windows, s, inplace=True, progress=progress), info
+        if s == 0:
+            return (copy.deepcopy(model) if pruned is model else pruned), info
+        return wanda_prune(pruned, windows, s, inplace=pruned is not model,
+                           progress=progress), info
     # int8 keeps every parameter: the counts are taken from the float model it came from
     if method == "int8":
         info["float_params"] = list(param_counts(model))

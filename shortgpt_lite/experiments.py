@@ -22,6 +22,7 @@ The command line: ``shortgpt-lite experiment removal --model smollm2-135m --out 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .comparison import prune_to_budget
+from .comparison import _layers_for, prune_to_budget
 from .context import (
     DOMAINS,
     ContextPlan,
@@ -68,12 +69,14 @@ from .layers import decoder_layers, text_config
 from .models import cache_dir, load_model, pick_device
 from .prefix import SharedPrefix, sweep_order
 from .provenance import environment
+from .quantize import quantize_int8, quantize_weights_int8
 from .removal import remove_layers
 from .wanda import magnitude_prune, prunable_parameters, sparsity_report, wanda_prune
 
-__all__ = ["EXPERIMENTS", "STANDARD", "Result", "check", "context_plans", "load_result",
-           "paired_difference", "perplexity_ratio", "reference", "removal_curve", "removal_plan",
-           "results_dirs", "run", "standard_params", "wanda_variant"]
+__all__ = ["EXPERIMENTS", "STANDARD", "Result", "budget_variant", "check", "combining_variant",
+           "context_plans", "load_result", "paired_difference", "paired_speedups",
+           "perplexity_ratio", "reference", "removal_curve", "removal_plan", "results_dirs", "run",
+           "standard_params", "wanda_variant"]
 
 RESULTS_ENV = "SHORTGPT_LITE_RESULTS"
 REPO_RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -662,12 +665,13 @@ def _compute_comparison(model, tokenizer, store, progress, **p) -> None:
 
 def _measure_copy(store, pruned, name, tokenizer, evaluation: dict, items, tasks, bs) -> None:
     """Write the rows of copy ``name`` that ``store`` does not hold yet: its NLL on every
-    window of every corpus of ``evaluation``, and its verdict on every item."""
+    window of every corpus of ``evaluation``, and its verdict on every item (none when
+    ``items`` is empty)."""
     if name not in store.done("ppl", "variant"):
         store.append("ppl", pd.concat(
             [_ppl_rows(pruned, w, name, bs).rename(columns={"removed": "variant"})
              .assign(corpus=c) for c, w in evaluation.items()]))
-    if name not in store.done("items", "variant"):
+    if items and name not in store.done("items", "variant"):
         store.append("items", _item_rows(pruned, tokenizer, items, tasks, name, bs)
                      .rename(columns={"removed": "variant"}))
 
@@ -712,7 +716,8 @@ def _recheck_copy(pruned, name, tokenizer, windows, stored_nll, items, tasks, pi
                   result: Result, nll_rel: float = 0.0, item_rel: float = 0.0) -> list[str]:
     """Problems of one pruned copy of a variant run, recomputed: its NLL on ``windows``
     against ``stored_nll`` (by window, within 5e-3 nats plus ``nll_rel`` of the NLL) and its
-    verdicts on the ``picked`` items (:func:`_compare_items` with ``item_rel``)."""
+    verdicts on the ``picked`` items (:func:`_compare_items` with ``item_rel``; none when
+    ``picked`` is empty)."""
     problems = []
     bs = result.params["batch_size"]
     nll = _ppl_rows(pruned, windows, name, bs)["nll"]
@@ -720,6 +725,8 @@ def _recheck_copy(pruned, name, tokenizer, windows, stored_nll, items, tasks, pi
     diff = np.abs(nll.to_numpy() - want)
     if not (diff < 5e-3 + nll_rel * np.abs(want)).all():
         problems.append(f"{name}: window NLL moved by up to {diff.max():.3g} nats")
+    if not picked:
+        return problems
     rows = _item_rows(pruned, tokenizer, [items[i] for i in picked], [tasks[i] for i in picked],
                       name, bs)
     stored_items = result["items"][result["items"]["variant"] == name].set_index("item")
@@ -1097,6 +1104,238 @@ EXPERIMENTS["context"] = Experiment(
             "timings"),
     validate=_validate_context)
 
+# ---------------------------------------------------------- the combining experiment
+#
+# Chapter 07's questions on the evidence standard's units. Layer removal (the k layers of
+# lowest Block Influence on the calibration windows) crossed with Wanda at each sparsity,
+# calibrated after the removal on the shorter model, and with int8: every int8 kind of
+# ``int8`` on the unpruned model, and those of ``stacked`` after every removal, each
+# against the float model it quantizes. A parameter ``budget`` split between removal and
+# Wanda at each of ``depth_shares``. Every copy is measured on the same evaluation windows,
+# the unpruned model, the budget's splits and the stacked int8 kinds on the same items; the
+# splits and dynamic int8 with and without the budget's removal are sized and timed
+# together. Dynamic int8 runs on the CPU in fp32 only: for a model elsewhere every int8
+# copy and its float reference are made from a CPU fp32 copy, and timed apart from nothing.
+
+INT8_KINDS = ("dynamic/tensor", "dynamic/channel", "weights/tensor", "weights/channel")
+
+
+def combining_variant(k: int, sparsity: float = 0.0, int8: str | None = None,
+                      cpu: bool = False) -> str:
+    """The name of a copy in the ``combining`` run: ``k`` layers removed, then Wanda at
+    ``sparsity`` or int8 of kind ``int8`` (one of :data:`INT8_KINDS`), e.g.
+    ``combining_variant(3, 0.5)`` is ``"k=3+wanda@0.5"``; ``cpu`` marks a float copy made on
+    the CPU in fp32 as a reference for int8."""
+    name = f"k={k}" + (f"+wanda@{sparsity:g}" if sparsity else "")
+    return name + (f"+int8:{int8}" if int8 else "") + ("@cpu-fp32" if cpu else "")
+
+
+def budget_variant(depth_share: float) -> str:
+    """The name of the copy with a share ``depth_share`` of the budget spent on removal."""
+    return f"budget/depth@{depth_share:g}"
+
+
+def _grid(p) -> tuple[list[int], list[float]]:
+    """The run's ks and sparsities, each with the unpruned model's 0 that every comparison
+    starts from."""
+    return sorted(set(p["ks"]) | {0}), sorted(set(map(float, p["sparsities"])) | {0.0})
+
+
+def _quantized(model, kind: str):
+    mode, per = kind.split("/")
+    return (quantize_int8 if mode == "dynamic" else quantize_weights_int8)(model, per=per)
+
+
+def _budget_k(model, p) -> int:
+    """The layers the budget's removal-only split removes."""
+    return _layers_for(model, max(p["depth_shares"]) * p["budget"] * param_counts(model)[0])
+
+
+def _timed_variants(p, k_full: int, cpu_fp32: bool) -> list[str]:
+    shares = sorted(p["depth_shares"])
+    mid = min(shares, key=lambda d: abs(d - 0.5))
+    names = ["k=0", *(budget_variant(d) for d in dict.fromkeys([shares[0], mid, shares[-1]]))]
+    if cpu_fp32 and "dynamic/tensor" in p["stacked"]:
+        names += [combining_variant(0, int8="dynamic/tensor"),
+                  combining_variant(k_full, int8="dynamic/tensor")]
+    return names
+
+
+def _combining_jobs(model, scores, calibration, p):
+    """Every copy of the run in order, by name: a function that makes it, and its row of
+    ``variants`` before the copy's counts and size; and the names of the copies timed."""
+    cpu_fp32 = all(t.device.type == "cpu" and t.dtype == torch.float32
+                   for t in model.parameters())
+    k_full = _budget_k(model, p)
+
+    def removed(k, source=model):
+        plan = layers_to_remove(scores, k)
+        return source if k == 0 else remove_layers(source, plan, scores=scores, metric="bi")
+
+    def wanda(k, s):
+        shallow = removed(k)
+        return wanda_prune(shallow, calibration, s, inplace=shallow is not model, progress=False)
+
+    ks, sparsities = _grid(p)
+    jobs = {}
+
+    def add(name, make, items=False, **row):
+        jobs[name] = (make, {"variant": name, "k": 0, "sparsity": 0.0, "int8": "",
+                             "depth_share": float("nan"), "reference": "", "items": items, **row})
+
+    for k in dict.fromkeys([*ks, k_full]):
+        for s in (sparsities if k in ks else [0.0]):
+            add(combining_variant(k, s), (lambda k=k, s=s: wanda(k, s) if s else removed(k)),
+                items=k == 0 and s == 0, k=k, sparsity=float(s))
+    base = None if cpu_fp32 else (lambda: copy.deepcopy(model).to("cpu", torch.float32))
+    for k in dict.fromkeys([*ks, k_full]):
+        kinds = list(dict.fromkeys([*p["int8"], *p["stacked"]])) if k == 0 else \
+            p["stacked"] if k in ks else [x for x in p["stacked"] if x == "dynamic/tensor"]
+        if not kinds:
+            continue
+        ref = combining_variant(k, cpu=not cpu_fp32)
+        if not cpu_fp32:
+            add(ref, lambda k=k: removed(k, base()), k=k)
+        for kind in kinds:
+            source = (lambda k=k: removed(k)) if cpu_fp32 else (lambda k=k: removed(k, base()))
+            add(combining_variant(k, int8=kind), lambda src=source, kind=kind: _quantized(src(), kind),
+                items=k == 0 and kind in p["stacked"], k=k, int8=kind, reference=ref)
+    for d in p["depth_shares"]:
+        add(budget_variant(d), lambda d=d: prune_to_budget(
+            model, "shortgpt+wanda", p["budget"], windows=calibration, depth_share=d,
+            progress=False)[0], items=True, depth_share=float(d))
+    return jobs, _timed_variants(p, k_full, cpu_fp32)
+
+
+def _combining_row(model, pruned, row, stored: pd.DataFrame | None) -> pd.DataFrame:
+    """``row`` with the copy's layers, parameters and file size; an int8 copy counts the
+    parameters of the float copy it quantized (``row["reference"]`` in ``stored``), since
+    packed int8 weights are no parameters; a budget split records what it removed."""
+    counts = ("params_total", "params_nonzero")
+    if row["int8"]:
+        source = stored.set_index("variant").loc[row["reference"]]
+        total, kept = (int(source[c]) for c in counts)
+    else:
+        total, kept = param_counts(pruned)
+    out = {**row, "layers": len(decoder_layers(pruned)), "params_total": total,
+           "params_nonzero": kept, "file_bytes": serialized_bytes(pruned)}
+    if not math.isnan(row["depth_share"]):
+        out["k"] = len(decoder_layers(model)) - out["layers"]
+        out["sparsity"] = float(sparsity_report(pruned)["zeros"].sum()
+                                / prunable_parameters(pruned))
+    return pd.DataFrame([out])
+
+
+def _compute_combining(model, tokenizer, store, progress, **p) -> None:
+    n = len(decoder_layers(model))
+    if max(p["ks"]) >= n:
+        raise ValueError(f"ks goes up to {max(p['ks'])}, but the model has {n} layers; lower ks.")
+    cal, ev, items, tasks = _removal_data(tokenizer, p)
+    if store.read("scores") is None:
+        store.append("scores", pd.DataFrame(
+            {"layer": range(n), "bi": layer_importance(model, cal, "bi", progress=False)}))
+    scores = store.read("scores")["bi"].tolist()
+    jobs, timed = _combining_jobs(model, scores, cal, p)
+    done, kept = store.done("variants", "variant"), {}
+    bs = p["batch_size"]
+    for name, (make, row) in tqdm(jobs.items(), desc="copies measured", unit="model",
+                                  disable=not progress):
+        if name in done:
+            continue
+        copy_ = make()
+        _measure_copy(store, copy_, name, tokenizer, {p["corpus"]: ev},
+                      items if row["items"] else [], tasks, bs)
+        store.append("variants", _combining_row(model, copy_, row, store.read("variants")))
+        if name in timed:
+            kept[name] = copy_
+        del copy_
+    if store.read("timings") is None:
+        copies = {name: kept[name] if name in kept else jobs[name][0]() for name in timed}
+        store.append("timings", speed_runs(copies, p["prompt_tokens"], p["decode_tokens"],
+                                           p["repeats"], progress=progress))
+
+
+def _check_combining(model, tokenizer, result: Result, windows: int = 2,
+                     n_items: int = 20) -> list[str]:
+    """Recompute a slice: Block Influence and the deepest plan; the unpruned model, the
+    deepest removal with the densest Wanda, and dynamic int8 on the first ``windows``
+    windows (and the first two on ``n_items`` items), with their file sizes; the timings for
+    completeness and for what holds on any idle machine (Wanda's zeros cost no time)."""
+    p, problems = result.params, []
+    cal, ev, items, tasks = _removal_data(tokenizer, p)
+    stored_scores = result["scores"]["bi"].tolist()
+    fresh = layer_importance(model, cal, "bi", progress=False)
+    k = max(p["ks"])
+    if layers_to_remove(fresh, k) != layers_to_remove(stored_scores, k):
+        problems.append(f"the {k} layers of lowest Block Influence are now "
+                        f"{layers_to_remove(fresh, k)}, stored {layers_to_remove(stored_scores, k)}")
+    jobs, timed = _combining_jobs(model, stored_scores, cal, p)
+    stored = result["variants"].set_index("variant")
+    ppl = result["ppl"]
+    picked = list(range(min(n_items, len(items))))
+    s = max(p["sparsities"])
+    rechecked = [("k=0", picked, (0, 0)), (combining_variant(k, s), [], WANDA_REL)]
+    if combining_variant(0, int8="dynamic/tensor") in jobs:
+        rechecked.append((combining_variant(0, int8="dynamic/tensor"), picked, (0, 0)))
+    for name, chosen, rel in rechecked:
+        copy_ = jobs[name][0]()
+        want = ppl[ppl["variant"] == name].set_index("window")["nll"]
+        problems += _recheck_copy(copy_, name, tokenizer, ev[:windows], want, items, tasks,
+                                  chosen if stored.loc[name, "items"] else [], result, *rel)
+        if rel == (0, 0) and serialized_bytes(copy_) != int(stored.loc[name, "file_bytes"]):
+            problems.append(f"{name}: file_bytes {serialized_bytes(copy_)} against stored "
+                            f"{stored.loc[name, 'file_bytes']}")
+    counts = result["timings"].groupby("model").size()
+    if set(counts.index) != set(timed) or not (counts == p["repeats"]).all():
+        problems.append(f"timings: expected {p['repeats']} runs of {timed}, got "
+                        f"{counts.to_dict()}")
+        return problems
+    if min(p["depth_shares"]) > 0:
+        return problems
+    speeds = summarise_speeds(result["timings"])
+    wanda_alone = budget_variant(0.0)
+    r = speeds.loc[wanda_alone, "prefill_seconds"] / speeds.loc["k=0", "prefill_seconds"]
+    if not 0.8 < r < 1.25:
+        problems.append(f"{wanda_alone} has the unpruned model's compute but prefilled at "
+                        f"x{r:.2f} of its time: the machine was not idle")
+    return problems
+
+
+def _validate_combining(p) -> None:
+    if not p["ks"] or min(p["ks"]) < 0:
+        raise ValueError(f"ks are numbers of layers to remove, 0 or more; got {p['ks']}.")
+    if not all(0 <= s < 1 for s in p["sparsities"]):
+        raise ValueError(f"sparsities are shares of weights zeroed, in [0, 1); got "
+                         f"{p['sparsities']}.")
+    unknown = [x for x in [*p["int8"], *p["stacked"]] if x not in INT8_KINDS]
+    if unknown:
+        raise ValueError(f"int8 and stacked hold int8 kinds, some of {', '.join(INT8_KINDS)}; "
+                         f"got {unknown}.")
+    if not 0 < p["budget"] < 1 or not p["depth_shares"] \
+            or not all(0 <= d <= 1 for d in p["depth_shares"]):
+        raise ValueError("budget is a share of the parameters in (0, 1), and depth_shares the "
+                         f"shares of it spent on removal, in [0, 1]; got {p['budget']} and "
+                         f"{p['depth_shares']}.")
+
+
+EXPERIMENTS["combining"] = Experiment(
+    "combining",
+    "Layer removal combined with Wanda at every sparsity and with int8 (dynamic or "
+    "weight-only, one scale per tensor or per row), and a parameter budget split between "
+    "removal and Wanda: perplexity per evaluation window of every copy, per-item accuracy "
+    "of the unpruned model, the int8 kinds stacked on removal and the budget's splits; the "
+    "splits and int8 with and without removal sized and timed together",
+    _compute_combining, _check_combining,
+    defaults={"corpus": "wikipedia", "seq_len": 256, "calibration_windows": 32,
+              "eval_windows": 64, "ks": [0, 3, 6, 9], "sparsities": [0.0, 0.25, 0.5],
+              "int8": list(INT8_KINDS), "stacked": ["dynamic/tensor", "weights/channel"],
+              "budget": 0.25, "depth_shares": [0.0, 0.5, 1.0],
+              "tasks": ["piqa", "hellaswag", "winogrande", "arc_easy"], "n_items": 200,
+              "item_seed": 0, "prompt_tokens": 512, "decode_tokens": 32, "repeats": 7,
+              "batch_size": 16},
+    tables=("scores", "variants", "ppl", "items", "timings"),
+    validate=_validate_combining)
+
 # ------------------------------------------------------------------- the cost experiment
 #
 # What each pruned copy of the comparison costs to store and to run: the same methods,
@@ -1444,8 +1683,8 @@ STANDARD: dict[str, dict[str, dict]] = {
     "smollm2-135m": {"block_influence": {},
                      "removal": {"max_remove": 8, "accuracy_seeds": 3,
                                  "metrics": [m for m in REMOVAL_METRICS if m != "sequential"]},
-                     "wanda": {}, "context": {}, "comparison": {}, "costs": {}, "healing": {},
-                     "generation": {}},
+                     "wanda": {}, "context": {}, "comparison": {}, "combining": {}, "costs": {},
+                     "healing": {}, "generation": {}},
     "gemma3-270m": {"block_influence": {},
                     "removal": {"max_remove": 5, "metrics": ["bi", "angular", "gromov",
                                                              "relative_magnitude"]}},
@@ -1627,6 +1866,32 @@ def paired_difference(a: pd.Series, b: pd.Series, *, n_boot: int = 2000, seed: i
     low, high = bootstrap_interval(d, n_boot=n_boot, seed=seed, level=level)
     return {"mean": float(d.mean()), "low": low, "high": high, "n": len(d),
             "zero_inside": bool(low <= 0 <= high)}
+
+
+def paired_speedups(runs: pd.DataFrame, reference: str, *, n_boot: int = 2000,
+                    seed: int = 0) -> pd.DataFrame:
+    """Speed of every model of :func:`shortgpt_lite.costs.speed_runs` against ``reference``,
+    paired by repeat (each repeat timed all models back to back): the geometric mean over
+    the repeats of ``prefill`` (reference's prefill time over the model's) and ``decode``
+    (the model's tokens per second over reference's), each with its 95% interval
+    (``prefill_low``, ``prefill_high``, ...), one row per model but ``reference``."""
+    timings = runs.pivot(index="repeat", columns="model")
+    if reference not in timings["prefill_seconds"]:
+        raise ValueError(f"No timed model {reference!r}; the runs time "
+                         f"{', '.join(runs['model'].unique())}.")
+    rows = {}
+    for m in dict.fromkeys(runs["model"]):
+        if m == reference:
+            continue
+        logs = {"prefill": (np.log(timings["prefill_seconds"][reference]),
+                            np.log(timings["prefill_seconds"][m])),
+                "decode": (np.log(timings["decode_tokens_per_s"][m]),
+                           np.log(timings["decode_tokens_per_s"][reference]))}
+        rows[m] = {f"{what}{end}": math.exp(d[key])
+                   for what, (a, b) in logs.items()
+                   for d in [paired_difference(a, b, n_boot=n_boot, seed=seed)]
+                   for end, key in (("", "mean"), ("_low", "low"), ("_high", "high"))}
+    return pd.DataFrame(rows).T
 
 
 def perplexity_ratio(nll_a, nll_b, *, n_boot: int = 2000, seed: int = 0,

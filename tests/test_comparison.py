@@ -32,6 +32,31 @@ def tiny():
 # --------------------------------------------------------------------------- budgets
 
 
+def test_depth_share_splits_the_budget_between_removal_and_wanda(tiny):
+    model, _ = tiny
+    windows = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = [p.detach().clone() for p in model.parameters()]
+    total = sum(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    split = {d: prune_to_budget(model, "shortgpt+wanda", 0.25, windows=windows, depth_share=d,
+                                progress=False) for d in (0.0, 0.5, 1.0)}
+    # the model pruned from is left as it was, also when no layer is removed
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    removed = {d: info["layers_removed"] for d, (_, info) in split.items()}
+    assert removed[0.0] == [] and len(removed[0.5]) == round(0.125 * total / layer)
+    assert len(removed[1.0]) == round(0.25 * total / layer) > len(removed[0.5])
+    assert set(removed[0.5]) < set(removed[1.0])  # the lowest Block Influence go first
+    wanda_alone, info = prune_to_budget(model, "wanda", 0.25, windows=windows, progress=False)
+    assert split[0.0][1]["sparsity_of_linears"] == pytest.approx(info["sparsity_of_linears"])
+    assert all(torch.equal(a, b) for a, b in zip(split[0.0][0].parameters(),
+                                                 wanda_alone.parameters()))
+    sparsities = [info["sparsity_of_linears"] for _, info in split.values()]
+    assert sparsities[0] > sparsities[1] > sparsities[2] >= 0
+    for pruned, _ in split.values():
+        kept = sum(int((p != 0).sum()) for p in pruned.parameters())
+        assert abs(1 - kept / total - 0.25) < 0.01
+
+
 def test_every_method_meets_the_budget_as_closely_as_its_granularity_allows(tiny):
     model, tokenizer = tiny
     df = compare(model, tokenizer, budget=0.25, **SMALL)
@@ -149,6 +174,8 @@ def test_bad_input_is_refused(tiny):
         prune_to_budget(model, "context", 0.25, progress=False)
     with pytest.raises(ValueError, match="calibration windows"):
         prune_to_budget(model, "width", 0.25, progress=False)
+    with pytest.raises(ValueError, match="depth_share"):
+        prune_to_budget(model, "shortgpt+wanda", 0.25, windows=windows, depth_share=1.5)
     with pytest.raises(ValueError, match="Unknown domain"):
         compare(model, tokenizer, ["context"], domain="astrology", **SMALL)
     with pytest.raises(ValueError, match="Unknown corpus"):

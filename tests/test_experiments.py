@@ -569,3 +569,87 @@ def test_context_refuses_what_it_cannot_run(tiny, isolated):
     with pytest.raises(ValueError, match="Too little text"):
         ex.run("context", "tiny", out=isolated, loaded=tiny,
                **{**CONTEXT, "seq_len": 4096, "eval_windows": 10**4})
+
+
+COMBINING = {"seq_len": 32, "calibration_windows": 2, "eval_windows": 3, "ks": [0, 1, 2],
+             "sparsities": [0.0, 0.5], "budget": 0.25, "tasks": ["piqa", "winogrande"],
+             "n_items": 3, "prompt_tokens": 8, "decode_tokens": 2, "repeats": 2, "batch_size": 4}
+
+
+def test_combining_crosses_removal_with_wanda_and_int8_and_splits_a_budget(tiny, isolated):
+    r = ex.run("combining", "tiny", out=isolated / "stored", loaded=tiny, progress=False,
+               **COMBINING)
+    model, tokenizer = tiny
+    v = r["variants"].set_index("variant")
+    k_full = int(v.loc[sgl.budget_variant(1.0), "k"])
+    grid = [sgl.combining_variant(k, s) for k in (0, 1, 2) for s in (0.0, 0.5)]
+    int8 = [sgl.combining_variant(0, int8=kind) for kind in ex.INT8_KINDS]
+    stacked = [sgl.combining_variant(k, int8=kind) for k in (1, 2)
+               for kind in ("dynamic/tensor", "weights/channel")]
+    assert grid[:2] == ["k=0", "k=0+wanda@0.5"] and set(grid + int8 + stacked) <= set(v.index)
+    assert [sgl.budget_variant(d) for d in (0.0, 0.5, 1.0)] == list(v.index[-3:])
+    # every copy on the same windows; the unpruned, stacked int8 and budget copies on the items
+    assert r["ppl"].groupby("variant").size().eq(3).all() and set(r["ppl"]["variant"]) == set(v.index)
+    scored = ["k=0", int8[0], int8[3], *v.index[-3:]]
+    assert sorted(set(r["items"]["variant"])) == sorted(scored)
+    assert r["items"].groupby("variant")["item"].apply(tuple).nunique() == 1
+    # a stored NLL is the library's: Wanda calibrated after the removal, on the shorter model
+    windows = sgl.token_windows(tokenizer, sgl.load_text("wikipedia", "calibration"), 32, 2)
+    scores = r["scores"]["bi"].tolist()
+    assert scores == pytest.approx(sgl.layer_importance(model, windows, "bi", progress=False))
+    shallow = sgl.remove_layers(model, sgl.layers_to_remove(scores, 2), scores=scores, metric="bi")
+    pruned = sgl.wanda_prune(shallow, windows, 0.5, progress=False)
+    ev = sgl.token_windows(tokenizer, sgl.load_text("wikipedia", "evaluation"), 32, 3)
+    nll = sgl.perplexity(pruned, ev, progress=False, per_window=True)["nll_per_window"]
+    stored = r["ppl"].query("variant == 'k=2+wanda@0.5'")["nll"].to_numpy()
+    assert stored == pytest.approx(nll, abs=1e-5)
+    # int8 counts its float source's parameters; dynamic int8 shrinks the file, weight-only not
+    for name in int8 + stacked:
+        assert (v.loc[name, ["params_total", "params_nonzero"]]
+                == v.loc[v.loc[name, "reference"], ["params_total", "params_nonzero"]]).all()
+    assert v.loc[int8[0], "file_bytes"] < v.loc["k=0", "file_bytes"] == v.loc[int8[3], "file_bytes"]
+    # the budget: Wanda alone keeps every layer, removal alone removes the most, all ~25%
+    removed = 1 - v["params_nonzero"] / v.loc["k=0", "params_total"]
+    splits = v.loc[v.index[-3:]]
+    assert splits["k"].tolist() == sorted(splits["k"]) and splits["k"].iloc[0] == 0 < k_full
+    assert splits["sparsity"].is_monotonic_decreasing
+    block = (v.loc["k=0", "params_total"] - v.loc["k=1", "params_total"]) / v.loc["k=0", "params_total"]
+    assert (removed[splits.index] - 0.25).abs().max() < block / 2 + 0.01  # whole layers
+    # timed together: the unpruned model, the splits, dynamic int8 with and without removal
+    timed = ["k=0", *v.index[-3:], int8[0], sgl.combining_variant(k_full, int8="dynamic/tensor")]
+    assert r["timings"].groupby("model").size().to_dict() == {m: 2 for m in timed}
+    speed = sgl.paired_speedups(r["timings"], "k=0")
+    assert list(speed.index) == timed[1:] and (speed["prefill_low"] <= speed["prefill"]).all()
+    # the check: a faithful run passes; a moved NLL, other scores and a busy machine fail
+    problems = ex.check(r, loaded=tiny)
+    assert [p for p in problems if "machine was not idle" not in p] == []
+    stale = ex.load_result(r.path)
+    stale["ppl"].loc[stale["ppl"]["variant"] == int8[0], "nll"] += 0.01
+    assert any(f"{int8[0]}: window NLL moved" in p for p in ex.check(stale, loaded=tiny))
+    stale = ex.load_result(r.path)
+    stale["scores"]["bi"] = -stale["scores"]["bi"]
+    assert any("layers of lowest Block Influence are now" in p for p in ex.check(stale, loaded=tiny))
+    stale = ex.load_result(r.path)
+    stale["timings"].loc[stale["timings"]["model"] == sgl.budget_variant(0.0),
+                         "prefill_seconds"] *= 3
+    assert any("has the unpruned model's compute" in p for p in ex.check(stale, loaded=tiny))
+
+
+def test_combining_quantizes_a_cpu_fp32_copy_of_a_model_elsewhere(tiny, isolated):
+    model, tokenizer = tiny
+    half = (model.to(torch.bfloat16), tokenizer)
+    r = ex.run("combining", "tiny", out=isolated / "stored", loaded=half, progress=False,
+               **{**COMBINING, "ks": [0, 1], "sparsities": [0.0], "int8": ["dynamic/tensor"],
+                  "stacked": ["dynamic/tensor"], "depth_shares": [0.0]})
+    v = r["variants"].set_index("variant")
+    assert v.loc["k=1+int8:dynamic/tensor", "reference"] == "k=1@cpu-fp32"
+    assert {"k=0@cpu-fp32", "k=1@cpu-fp32"} <= set(v.index)
+    assert set(r["timings"]["model"]) == {"k=0", sgl.budget_variant(0.0)}  # one device each
+
+
+def test_combining_refuses_what_it_cannot_run(tiny, isolated):
+    for bad, match in (({"ks": [0, 5]}, "lower ks"), ({"int8": ["int4/tensor"]}, "int8 kinds"),
+                       ({"depth_shares": [1.5]}, "depth_shares"), ({"sparsities": [1.0]}, "sparsities"),
+                       ({"budget": 0.0}, "budget")):
+        with pytest.raises(ValueError, match=match):
+            ex.run("combining", "tiny", out=isolated, loaded=tiny, **{**COMBINING, **bad})
