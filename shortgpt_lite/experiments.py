@@ -1115,7 +1115,8 @@ EXPERIMENTS["context"] = Experiment(
 # the unpruned model, the budget's splits and the stacked int8 kinds on the same items; the
 # splits and dynamic int8 with and without the budget's removal are sized and timed
 # together. Dynamic int8 runs on the CPU in fp32 only: for a model elsewhere every int8
-# copy and its float reference are made from a CPU fp32 copy, and timed apart from nothing.
+# copy and its float reference are made from a CPU fp32 copy, and only the model's own
+# copies are timed.
 
 INT8_KINDS = ("dynamic/tensor", "dynamic/channel", "weights/tensor", "weights/channel")
 # Dynamic int8's kernels differ by CPU. Recomputed under ATEN_CPU_CAPABILITY=avx2 and default,
@@ -1272,7 +1273,7 @@ def _check_combining(model, tokenizer, result: Result, windows: int = 2,
     """Recompute a slice: Block Influence and the deepest plan; the unpruned model on the
     first ``windows`` windows and ``n_items`` items, the deepest removal with the densest
     Wanda on those windows, dynamic int8 on the run's first batch of windows, and the file
-    sizes of the first and the last; the timings for completeness and for what holds on any
+    sizes of the unpruned model and dynamic int8; the timings for completeness and for what holds on any
     idle machine (Wanda's zeros cost no time)."""
     p, problems = result.params, []
     cal, ev, items, tasks = _removal_data(tokenizer, p)
