@@ -105,13 +105,15 @@ def _block_params(model: nn.Module) -> int:
     return sum(p.numel() for p in decoder_layers(model)[0].parameters())
 
 
-def _layers_for(model, n_params: float) -> int:
+def layers_for(model, n_params: float) -> int:
+    """How many whole decoder blocks come closest to ``n_params`` parameters (at least 0,
+    and one block short of all of them at most)."""
     n_layers = len(decoder_layers(model))
     return max(0, min(n_layers - 1, round(n_params / _block_params(model))))
 
 
 def _shortgpt(model, windows, n_params, progress):
-    k = _layers_for(model, n_params)
+    k = layers_for(model, n_params)
     if k == 0:
         return model, {"layers_removed": []}
     scores = layer_importance(model, windows, "bi", progress=progress)

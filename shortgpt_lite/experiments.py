@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .comparison import _layers_for, prune_to_budget
+from .comparison import layers_for, prune_to_budget
 from .context import (
     DOMAINS,
     ContextPlan,
@@ -1155,7 +1155,7 @@ def _quantized(model, kind: str, inplace: bool):
 
 def _budget_k(model, p) -> int:
     """The layers the budget's removal-only split removes."""
-    return _layers_for(model, max(p["depth_shares"]) * p["budget"] * param_counts(model)[0])
+    return layers_for(model, max(p["depth_shares"]) * p["budget"] * param_counts(model)[0])
 
 
 def _timed_variants(p, k_full: int, cpu_fp32: bool) -> list[str]:
