@@ -519,6 +519,28 @@ def _compare_items(removed, got: pd.DataFrame, stored: pd.DataFrame,
     return problems
 
 
+
+def _timing_problems(timings: pd.DataFrame, models, repeats: int, same_compute=(),
+                     reference: str | None = None, reference_name: str = "") -> list[str]:
+    """What is wrong with a run's interleaved timings (:func:`speed_runs` rows): a model of
+    ``models`` not timed ``repeats`` times, or a copy of ``same_compute`` (``reference``'s
+    dense work, with zeros) prefilling outside x0.8-1.25 of ``reference``'s time, which
+    says that something else ran on the machine."""
+    problems = []
+    counts = timings.groupby("model").size()
+    if set(counts.index) != set(models) or not (counts == repeats).all():
+        problems.append(f"timings: expected {repeats} runs of each of {list(models)}, got "
+                        f"{counts.to_dict()}")
+    speeds = summarise_speeds(timings)
+    for name in same_compute:
+        if name not in speeds.index or reference not in speeds.index:
+            continue
+        r = speeds.loc[name, "prefill_seconds"] / speeds.loc[reference, "prefill_seconds"]
+        if not 0.8 < r < 1.25:
+            problems.append(f"{name} has {reference_name}'s compute but prefilled at x{r:.2f} "
+                            "of its time: the machine was not idle")
+    return problems
+
 EXPERIMENTS["removal"] = Experiment(
     "removal",
     "Removal curves: plans of every importance metric for k = 0 .. max_remove, perplexity "
@@ -1062,16 +1084,8 @@ def _check_context(model, tokenizer, result: Result, windows: int = 2,
         if int(size) != int(sizes.loc[name, "file_bytes"]):
             problems.append(f"{name}: file_bytes {size} against stored "
                             f"{sizes.loc[name, 'file_bytes']}")
-    counts = result["timings"].groupby("model").size()
-    if set(counts.index) != set(sizes.index) or not (counts == p["repeats"]).all():
-        problems.append(f"timings: expected {p['repeats']} runs of every model, got "
-                        f"{counts.to_dict()}")
-    speeds = summarise_speeds(result["timings"])
-    r = speeds.loc["zero-masked", "prefill_seconds"] / speeds.loc["unpruned", "prefill_seconds"]
-    if not 0.8 < r < 1.25:
-        problems.append(f"zero-masked has the unpruned model's compute but prefilled at x{r:.2f} "
-                        "of its time: the machine was not idle")
-    return problems
+    return problems + _timing_problems(result["timings"], sizes.index, p["repeats"],
+                                       ["zero-masked"], "unpruned", "the unpruned model")
 
 
 def _validate_context(p) -> None:
@@ -1304,20 +1318,9 @@ def _check_combining(model, tokenizer, result: Result, windows: int = 2,
         if name in sized and serialized_bytes(copy_) != int(stored.loc[name, "file_bytes"]):
             problems.append(f"{name}: file_bytes {serialized_bytes(copy_)} against stored "
                             f"{stored.loc[name, 'file_bytes']}")
-    counts = result["timings"].groupby("model").size()
-    if set(counts.index) != set(timed) or not (counts == p["repeats"]).all():
-        problems.append(f"timings: expected {p['repeats']} runs of {timed}, got "
-                        f"{counts.to_dict()}")
-        return problems
-    if min(p["depth_shares"]) > 0:
-        return problems
-    speeds = summarise_speeds(result["timings"])
-    wanda_alone = budget_variant(0.0)
-    r = speeds.loc[wanda_alone, "prefill_seconds"] / speeds.loc["k=0", "prefill_seconds"]
-    if not 0.8 < r < 1.25:
-        problems.append(f"{wanda_alone} has the unpruned model's compute but prefilled at "
-                        f"x{r:.2f} of its time: the machine was not idle")
-    return problems
+    wanda_alone = [budget_variant(0.0)] if min(p["depth_shares"]) == 0 else []
+    return problems + _timing_problems(result["timings"], timed, p["repeats"], wanda_alone,
+                                       "k=0", "the unpruned model")
 
 
 def _validate_combining(p) -> None:
@@ -1390,20 +1393,10 @@ def _check_costs(model, tokenizer, result: Result) -> list[str]:
     columns = ("layers", "params_total", "params_nonzero", "file_bytes")
     _recheck_sizes(model, tokenizer, result, _calibration_windows(tokenizer, p), columns,
                    problems)
-    timings = result["timings"]
-    counts = timings.groupby("variant").size()
-    if set(counts.index) != set(stored.index) or not (counts == p["repeats"]).all():
-        problems.append(f"timings: expected {p['repeats']} runs of every variant, got "
-                        f"{counts.to_dict()}")
-    speeds = summarise_speeds(timings.rename(columns={"variant": "model"}))
-    same_compute = [v for v in stored.index if stored.loc[v, "method"] in ("wanda", "magnitude")
-                    and v in speeds.index]
-    for name in same_compute:
-        r = speeds.loc[name, "prefill_seconds"] / speeds.loc["dense", "prefill_seconds"]
-        if not 0.8 < r < 1.25:
-            problems.append(f"{name} has dense's compute but prefilled at x{r:.2f} of its "
-                            "time: the machine was not idle")
-    return problems
+    same_compute = [v for v in stored.index if stored.loc[v, "method"] in ("wanda", "magnitude")]
+    return problems + _timing_problems(result["timings"].rename(columns={"variant": "model"}),
+                                       stored.index, p["repeats"], same_compute, "dense",
+                                       "dense")
 
 
 EXPERIMENTS["costs"] = Experiment(
@@ -1669,11 +1662,8 @@ def _check_generation(model, tokenizer, result: Result, n_items: int = 20) -> li
         if (got != want.astype(bool)).sum() > 1:
             problems.append(f"{name}: {int((got != want.astype(bool)).sum())} of {n_items} "
                             "LAMBADA verdicts changed")
-    counts = result["timings"].groupby("variant").size()
-    if set(counts.index) != set(models) or not (counts == p["repeats"]).all():
-        problems.append(f"timings: expected {p['repeats']} runs of every model, got "
-                        f"{counts.to_dict()}")
-    return problems
+    return problems + _timing_problems(result["timings"].rename(columns={"variant": "model"}),
+                                       models, p["repeats"])
 
 
 EXPERIMENTS["generation"] = Experiment(
