@@ -15,9 +15,9 @@ from shortgpt_lite.bench import BENCHES
 
 # The benchmarks the command line offered when it was one module, bench.py, and the
 # shared-prefix sweep, the timing protocols, streaming, data-parallel scoring, healing and
-# ShortGPT-gen.
+# ShortGPT-gen, and float32 against bfloat16.
 NAMES = ("load", "bi", "eval", "cost", "wanda", "context", "prefix", "timing", "stream",
-         "distributed", "heal", "gen")
+         "distributed", "heal", "gen", "dtype")
 PACKAGE = Path(shortgpt_lite.__file__).parent
 
 
@@ -70,6 +70,31 @@ def test_prefix_sweep_computes_what_the_pruned_copies_compute():
     assert "every skip in full" in run.stdout and "from the shared prefix" in run.stdout
     scores = float(run.stdout.split("between the two sets of scores: ")[1].split()[0])
     assert scores < 1e-2  # perplexities in the thousands, equal to float rounding
+
+
+@pytest.mark.slow
+def test_dtype_times_both_copies_and_measures_what_bfloat16_moves():
+    run = _run("dtype", "--tokens", "512", "--seq-len", "128", "--items", "3", "--repeats", "1",
+               "--device", "cpu", timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert out.splitlines()[0].startswith("machine: ") and "CPU with" in out.splitlines()[0]
+    assert "512 tokens = 4 windows of 128" in out
+    assert "12 items (3 each of piqa, hellaswag, winogrande, arc_easy)" in out
+    for line in ("perplexity(), float32", "perplexity(), bfloat16", "score_items(), float32",
+                 "score_items(), bfloat16"):
+        values = next(row for row in out.splitlines() if row.startswith(line))[len(line):]
+        assert len(values.split()) == 5
+        [float(v) for v in values.split()]
+    changes = out.split("what bfloat16 changes")[1]
+    mean = float(changes.split("mean ")[1].split()[0])
+    largest = float(changes.split("largest |difference| ")[1].split()[0])
+    assert 0 < largest < 0.05  # the copies differ, by rounding, not by a broken conversion
+    assert abs(mean) <= largest
+    assert " of 12 answers move" in changes
+    same = _run("dtype", "--dtype", "float32", "--tokens", "128", "--seq-len", "128",
+                "--device", "cpu", timeout=600)
+    assert same.returncode != 0 and "compares float32 with itself" in same.stderr
 
 
 def _module_name(path: Path) -> list[str]:

@@ -5,7 +5,21 @@ that can be pasted into the README together with the machine it ran on.
 """
 
 from ..provenance import machine
-from . import bi, context, cost, distributed, eval, gen, heal, load, prefix, stream, timing, wanda  # noqa: F401 (each registers its benchmark)
+from . import (  # noqa: F401 (each registers its benchmark)
+    bi,
+    context,
+    cost,
+    distributed,
+    dtype,
+    eval,
+    gen,
+    heal,
+    load,
+    prefix,
+    stream,
+    timing,
+    wanda,
+)
 from .common import BENCHES, benchmark
 
 __all__ = ["BENCHES", "benchmark", "machine"]

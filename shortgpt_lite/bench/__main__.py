@@ -19,6 +19,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=None,
                         help="calibration or evaluation tokens (each benchmark has its default)")
+    parser.add_argument("--items", type=int, default=None,
+                        help="multiple-choice items per task (each benchmark has its default)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--shapes", default=None,
