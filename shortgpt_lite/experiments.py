@@ -1787,10 +1787,23 @@ def run(name: str, model: str = "smollm2-135m", *, out: str | Path | None = None
     lm, tokenizer = loaded if loaded is not None else load_model(model, device=device,
                                                                  dtype=dtype)
     dev = pick_device(device) if loaded is None else next(lm.parameters()).device
+    precision = str(next(lm.parameters()).dtype).removeprefix("torch.")
+    if previous is not None and (previous["dtype"], torch.device(previous["device"]).type) \
+            != (precision, dev.type):
+        if not overwrite:
+            raise ValueError(
+                f"{path} holds an unfinished run in {previous['dtype']} on "
+                f"{previous['device']}; finishing it in {precision} on {dev} would mix the "
+                f"rows of two machines. Resume it with device={previous['device']!r}, "
+                f"dtype={previous['dtype']!r} (--device, --dtype), or pass overwrite=True "
+                "(--overwrite) to start it again.")
+        for f in path.glob("*.csv"):
+            f.unlink()
+        previous = None
     provenance = {
         "name": name, "model": model, "key": params_key(full), "params": full,
         "command": _command(name, model, overrides, None),
-        "device": str(dev), "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
+        "device": str(dev), "dtype": precision,
         "environment": environment(dev), "status": "running",
         "started": (previous or {}).get("started") or _now(),
         "seconds": (previous or {}).get("seconds", 0.0), "description": exp.description}
@@ -1854,7 +1867,8 @@ def check(result: Result, loaded=None) -> list[str]:
             problems.append(f"table {t} is missing")
     if problems:
         return problems
-    lm, tokenizer = loaded if loaded is not None else load_model(result.model, device="cpu")
+    lm, tokenizer = loaded if loaded is not None else load_model(
+        result.model, device="cpu", dtype=result.provenance.get("dtype"))
     return _experiment(result.name).check(lm, tokenizer, result)
 
 

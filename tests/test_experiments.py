@@ -1,6 +1,7 @@
 """The reference-run machinery: run, resume, provenance, loading, and the checks that make a
 hand-edited or stale stored result fail."""
 
+import copy
 import json
 import math
 
@@ -126,6 +127,36 @@ def test_an_interrupted_run_resumes_from_the_rows_written(tiny, isolated, monkey
         a = whole[table].sort_values(["removed", *whole[table].columns[1:3]]).reset_index(drop=True)
         b = resumed[table].sort_values(["removed", *a.columns[1:3]]).reset_index(drop=True)
         pd.testing.assert_frame_equal(a, b)
+
+
+def test_an_unfinished_run_is_not_finished_in_another_precision(tiny, isolated, monkeypatch):
+    calls = {"n": 0}
+    real = ex._item_rows
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ex, "_item_rows", failing)
+    with pytest.raises(KeyboardInterrupt):
+        small_run(tiny, isolated / "resumed")
+    monkeypatch.setattr(ex, "_item_rows", real)
+    folder = isolated / "resumed" / "tiny" / "removal"
+    written = {f.name: f.read_bytes() for f in folder.glob("*.csv")}
+    assert written
+    model, tokenizer = tiny
+    half = (copy.deepcopy(model).to(torch.bfloat16), tokenizer)
+    with pytest.raises(ValueError, match="unfinished run in float32 on cpu.*dtype='float32'"):
+        ex.run("removal", "tiny", out=isolated / "resumed", loaded=half, progress=False,
+               **SMALL)
+    assert {f.name: f.read_bytes() for f in folder.glob("*.csv")} == written  # nothing lost
+    redone = ex.run("removal", "tiny", out=isolated / "resumed", loaded=half, progress=False,
+                    overwrite=True, **SMALL)
+    assert redone.provenance["dtype"] == "bfloat16" and redone.provenance["status"] == "complete"
+    whole = small_run(tiny, isolated / "whole")
+    assert len(redone["ppl"]) == len(whole["ppl"]) and len(redone["items"]) == len(whole["items"])
 
 
 def test_other_parameters_do_not_overwrite_a_stored_run(tiny, isolated):
