@@ -105,23 +105,29 @@ def test_gromov_removes_one_contiguous_run_at_the_smallest_distance():
     assert ex.removal_plan(scores, "gromov", 0) == []
 
 
-def test_an_interrupted_run_resumes_from_the_rows_written(tiny, isolated, monkeypatch):
-    whole = small_run(tiny, isolated / "whole")
+def interrupted_run(tiny, out, monkeypatch, at_call: int) -> None:
+    """A small removal run into ``out`` stopped by Ctrl-C in its ``at_call``-th scoring of
+    items, as a user interrupts one."""
     calls = {"n": 0}
     real = ex._item_rows
 
     def failing(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == at_call:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ex, "_item_rows", failing)
     with pytest.raises(KeyboardInterrupt):
-        small_run(tiny, isolated / "resumed")
+        small_run(tiny, out)
+    monkeypatch.setattr(ex, "_item_rows", real)
+
+
+def test_an_interrupted_run_resumes_from_the_rows_written(tiny, isolated, monkeypatch):
+    whole = small_run(tiny, isolated / "whole")
+    interrupted_run(tiny, isolated / "resumed", monkeypatch, at_call=3)
     meta = json.loads((isolated / "resumed" / "tiny" / "removal" / "provenance.json").read_text())
     assert meta["status"] == "running"
-    monkeypatch.setattr(ex, "_item_rows", real)
     resumed = small_run(tiny, isolated / "resumed")
     for table in ("ppl", "items"):
         a = whole[table].sort_values(["removed", *whole[table].columns[1:3]]).reset_index(drop=True)
@@ -130,19 +136,7 @@ def test_an_interrupted_run_resumes_from_the_rows_written(tiny, isolated, monkey
 
 
 def test_an_unfinished_run_is_not_finished_in_another_precision(tiny, isolated, monkeypatch):
-    calls = {"n": 0}
-    real = ex._item_rows
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ex, "_item_rows", failing)
-    with pytest.raises(KeyboardInterrupt):
-        small_run(tiny, isolated / "resumed")
-    monkeypatch.setattr(ex, "_item_rows", real)
+    interrupted_run(tiny, isolated / "resumed", monkeypatch, at_call=2)
     folder = isolated / "resumed" / "tiny" / "removal"
     written = {f.name: f.read_bytes() for f in folder.glob("*.csv")}
     assert written
