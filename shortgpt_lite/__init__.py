@@ -113,7 +113,7 @@ from .context import (
     random_plan,
     shrink_vocabulary,
 )
-from .quantize import int8_weights, quantize_int8, quantize_weights_int8
+from .quantize import cpu_fp32_copy, int8_weights, quantize_int8, quantize_weights_int8
 from .wanda import (
     magnitude_prune,
     prunable_parameters,
@@ -178,7 +178,8 @@ __all__ = [
     # baselines and the comparison
     "DEFAULT_CORPORA", "DOMAINS", "METHODS", "ContextPlan", "ContextStatistics",
     "VocabularyMap", "compare", "context_plan", "context_prune", "context_statistics",
-    "domain_windows", "head_importance", "int8_weights", "magnitude_prune", "neuron_mask", "normalised_l1",
+    "cpu_fp32_copy", "domain_windows", "head_importance", "int8_weights", "magnitude_prune",
+    "neuron_mask", "normalised_l1",
     "prunable_parameters", "prune_to_budget", "quantize_int8", "quantize_weights_int8",
     "random_plan", "remove_heads", "shrink_vocabulary", "sparsity_mask", "sparsity_report", "wanda_prune",
     "wanda_scores",

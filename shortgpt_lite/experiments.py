@@ -22,7 +22,6 @@ The command line: ``shortgpt-lite experiment removal --model smollm2-135m --out 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -69,7 +68,7 @@ from .layers import decoder_layers, text_config
 from .models import cache_dir, load_model, pick_device
 from .prefix import SharedPrefix, sweep_order
 from .provenance import environment
-from .quantize import quantize_int8, quantize_weights_int8
+from .quantize import cpu_fp32_copy, quantize_int8, quantize_weights_int8
 from .removal import remove_layers
 from .wanda import magnitude_prune, prunable_parameters, sparsity_report, wanda_prune
 
@@ -1199,7 +1198,7 @@ def _combining_jobs(model, scores, calibration, p):
         return wanda_prune(shallow, calibration, s, inplace=shallow is not model, progress=False)
 
     def float_source(k):  # what int8 quantizes: the model, or a CPU fp32 copy of it
-        return removed(k) if cpu_fp32 else removed(k, copy.deepcopy(model).to("cpu", torch.float32))
+        return removed(k) if cpu_fp32 else removed(k, cpu_fp32_copy(model))
 
     def quantized(k, kind):
         source = float_source(k)

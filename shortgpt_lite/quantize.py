@@ -33,12 +33,27 @@ from torch import nn
 
 from .layers import decoder_layers, unwrap_model
 
-__all__ = ["int8_weights", "is_quantized", "quantize_int8", "quantize_weights_int8"]
+__all__ = ["cpu_fp32_copy", "int8_weights", "is_quantized", "quantize_int8",
+           "quantize_weights_int8"]
 
 _DEPRECATIONS = (
     r"torch\.ao\.quantization is deprecated",
     r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
 )
+
+
+def cpu_fp32_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` on the CPU in fp32, what :func:`quantize_int8` quantizes, made
+    tensor by tensor: nothing is copied on the model's own device, so a model that fills
+    its GPU can still be copied. Tied weights stay tied; integer buffers keep their dtype."""
+    memo: dict = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in memo:
+            moved = t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype,
+                                  copy=True)
+            memo[id(t)] = nn.Parameter(moved, t.requires_grad) \
+                if isinstance(t, nn.Parameter) else moved
+    return copy.deepcopy(model, memo)  # every tensor is in memo: deepcopy copies no tensor
 
 
 def _check_per(per: str) -> None:
@@ -60,11 +75,11 @@ def quantize_int8(model: nn.Module, *, per: str = "tensor", include_lm_head: boo
     """
     _check_per(per)
     if any(p.device.type != "cpu" for p in model.parameters()):
-        raise ValueError("int8 dynamic quantization runs on the CPU; move the model with "
-                         "model.to('cpu') first.")
+        raise ValueError("int8 dynamic quantization runs on the CPU; quantize a CPU copy, "
+                         "sgl.cpu_fp32_copy(model).")
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise ValueError("int8 dynamic quantization expects an fp32 model; load it with "
-                         "dtype=torch.float32 or call model.float() first.")
+                         "dtype=torch.float32 or quantize sgl.cpu_fp32_copy(model).")
     if not inplace:
         model = copy.deepcopy(model)
     targets = list(decoder_layers(model))

@@ -1,13 +1,20 @@
 """int8 dynamic quantization of the block linears: close to the float model, smaller,
 and silent about torch's deprecation of torch.ao."""
 
+import copy
 import warnings
 
 import pytest
 import torch
 
 from shortgpt_lite.costs import serialized_bytes
-from shortgpt_lite.quantize import int8_weights, is_quantized, quantize_int8, quantize_weights_int8
+from shortgpt_lite.quantize import (
+    cpu_fp32_copy,
+    int8_weights,
+    is_quantized,
+    quantize_int8,
+    quantize_weights_int8,
+)
 from tiny import tiny_llama
 
 
@@ -30,6 +37,37 @@ def test_int8_quantization_is_close_smaller_and_silent():
     assert serialized_bytes(quantized) < serialized_bytes(model)
     with pytest.raises(ValueError, match="fp32"):
         quantize_int8(model.to(torch.bfloat16))
+
+
+def test_cpu_fp32_copy_copies_no_tensor_where_it_lives(monkeypatch):
+    model = _tiny_llama(layers=2).to(torch.bfloat16)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+
+    def refuse(self, memo):
+        raise AssertionError("a tensor was deep-copied where it lives")
+
+    # a GPU model deep-copied whole would first be doubled on its GPU
+    monkeypatch.setattr(torch.Tensor, "__deepcopy__", refuse)
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", refuse)
+    with pytest.raises(AssertionError, match="deep-copied"):
+        copy.deepcopy(model)
+    fp32 = cpu_fp32_copy(model)
+    monkeypatch.undo()
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in fp32.parameters())
+    assert fp32.lm_head.weight is fp32.model.embed_tokens.weight  # still tied
+    for name, t in fp32.state_dict().items():
+        assert torch.equal(t, before[name].float()), name  # bf16 to fp32 is exact
+    with torch.no_grad():
+        next(fp32.parameters()).add_(1.0)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    assert next(model.parameters()).dtype == torch.bfloat16
+    again = cpu_fp32_copy(fp32)  # already CPU fp32: a copy, not the same storage
+    with torch.no_grad():
+        next(again.parameters()).zero_()
+    assert next(fp32.parameters()).abs().sum() > 0
+    assert is_quantized(quantize_int8(cpu_fp32_copy(model)))
+    with pytest.raises(ValueError, match="cpu_fp32_copy"):
+        quantize_int8(model)
 
 
 def test_int8_weights_round_each_row_to_its_own_grid():
