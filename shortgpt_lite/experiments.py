@@ -1794,8 +1794,8 @@ def run(name: str, model: str = "smollm2-135m", *, out: str | Path | None = None
                 f"{path} holds an unfinished run in {previous['dtype']} on "
                 f"{previous['device']}; finishing it in {precision} on {dev} would mix the "
                 f"rows of two machines. Resume it with device={previous['device']!r}, "
-                f"dtype={previous['dtype']!r} (--device, --dtype), or pass overwrite=True "
-                "(--overwrite) to start it again.")
+                f"dtype={previous['dtype']!r} (--device, --dtype), or start it again with "
+                "overwrite=True (--overwrite) or by deleting the folder.")
         for f in path.glob("*.csv"):
             f.unlink()
         previous = None
