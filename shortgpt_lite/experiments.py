@@ -1792,8 +1792,8 @@ def run(name: str, model: str = "smollm2-135m", *, out: str | Path | None = None
         if not overwrite:
             raise ValueError(
                 f"{path} holds an unfinished run in {previous['dtype']} on "
-                f"{previous['device']}; finishing it in {precision} on {dev} would mix the "
-                f"rows of two machines. Resume it with device={previous['device']!r}, "
+                f"{previous['device']}; finishing it in {precision} on {dev} would store "
+                f"rows computed two ways as one run. Resume it with device={previous['device']!r}, "
                 f"dtype={previous['dtype']!r} (--device, --dtype), or start it again with "
                 "overwrite=True (--overwrite) or by deleting the folder.")
         for f in path.glob("*.csv"):

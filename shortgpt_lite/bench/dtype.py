@@ -24,8 +24,12 @@ TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy")
 def native_bf16(device) -> str:
     """Whether the device computes bfloat16 in its own instructions, which decides whether
     bfloat16 is faster at all on a CPU."""
-    if torch.device(device).type != "cpu":
-        return f"{torch.device(device).type}: bfloat16 in hardware"
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "GPU with bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) \
+            else "GPU without bfloat16 (emulated)"
+    if kind != "cpu":
+        return kind
     units = [name for name, has in (("AVX512-BF16", torch.cpu._is_avx512_bf16_supported()),
                                     ("AMX", torch.cpu._is_amx_tile_supported())) if has]
     return ("CPU with " + " and ".join(units) if units
