@@ -80,6 +80,7 @@ def test_dtype_times_both_copies_and_measures_what_bfloat16_moves():
     out = run.stdout
     assert out.splitlines()[0].startswith("machine: ") and "CPU with" in out.splitlines()[0]
     assert "512 tokens = 4 windows of 128" in out
+    assert out.count("x fp32") == 4  # both tables speak of float32, not of a bare forward
     assert "12 items (3 each of piqa, hellaswag, winogrande, arc_easy)" in out
     for line in ("perplexity(), float32", "perplexity(), bfloat16", "score_items(), float32",
                  "score_items(), bfloat16"):

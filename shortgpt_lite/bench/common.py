@@ -43,14 +43,15 @@ def interleaved_times(runs: dict, repeats: int, device) -> dict:
     return times
 
 
-def print_times(times: dict, tokens: int) -> None:
+def print_times(times: dict, tokens: int, first: str = "bare") -> None:
     """A table of median and fastest times, throughput, and speed relative to the first
-    approach (the bare one)."""
+    approach, headed ``x <first>`` (the bare one, unless named otherwise)."""
     med = {name: statistics.median(t) for name, t in times.items()}
     best = {name: min(t) for name, t in times.items()}
     base = next(iter(times))
-    print(f"{'approach':<34} {'median s':>9} {'tokens/s':>9} {'x bare':>7} {'min s':>7} "
-          f"{'x bare':>7}")
+    relative = f"x {first}"
+    print(f"{'approach':<34} {'median s':>9} {'tokens/s':>9} {relative:>7} {'min s':>7} "
+          f"{relative:>7}")
     for name in times:
         print(f"{name:<34} {med[name]:>9.2f} {tokens / med[name]:>9.0f} "
               f"{med[base] / med[name]:>7.3f} {best[name]:>7.2f} {best[base] / best[name]:>7.3f}")

@@ -71,15 +71,15 @@ def bench_dtype(args) -> None:
     print(f"\nperplexity: {windows.numel()} tokens = {len(windows)} windows of {args.seq_len}, "
           f"batch {batch}")
     print_times(interleaved_times({f"perplexity(), {name}": ppl_pass(name) for name in models},
-                                  args.repeats, device), windows.numel())
+                                  args.repeats, device), windows.numel(), first="fp32")
     requests = [r for it in items for r in it.requests]
     tokens = sum(b.tokens for b in plan_batches(full, tokenizer, requests, batch))
     print(f"\nmultiple choice: {len(items)} items ({n_items} each of {', '.join(TASKS)}), "
           f"{len(requests)} requests, {tokens} tokens in rows of batch {batch}")
     print_times(interleaved_times({f"score_items(), {name}": choice_pass(name)
-                                   for name in models}, args.repeats, device), tokens)
+                                   for name in models}, args.repeats, device), tokens,
+                first="fp32")
 
-    print("'x bare' is the speed relative to the float32 line.")
     base, other = models
     a, b = last[("ppl", base)], last[("ppl", other)]
     diff = b["nll_per_window"] - a["nll_per_window"]
