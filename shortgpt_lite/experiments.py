@@ -518,7 +518,6 @@ def _compare_items(removed, got: pd.DataFrame, stored: pd.DataFrame,
     return problems
 
 
-
 def _timing_problems(timings: pd.DataFrame, models, repeats: int, same_compute=(),
                      reference: str | None = None, reference_name: str = "") -> list[str]:
     """What is wrong with a run's interleaved timings (:func:`speed_runs` rows): a model of
@@ -539,6 +538,7 @@ def _timing_problems(timings: pd.DataFrame, models, repeats: int, same_compute=(
             problems.append(f"{name} has {reference_name}'s compute but prefilled at x{r:.2f} "
                             "of its time: the machine was not idle")
     return problems
+
 
 EXPERIMENTS["removal"] = Experiment(
     "removal",
